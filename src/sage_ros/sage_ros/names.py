@@ -1,0 +1,61 @@
+"""Every topic, action, service and node name of the SAGE graph, in one place.
+
+Names are relative: they resolve under the graph's namespace (default `/sage`, set with
+`sage up --namespace` or the `namespace` launch argument). The README lists them all.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+DEFAULT_NAMESPACE = '/sage'
+
+# Nodes
+KERNEL = 'kernel'
+TEXT_SENSOR = 'text_sensor'
+LANGUAGE_BLOCK = 'language_block'
+MODEL_MANAGER = 'model_manager'   # a lifecycle node
+
+# Topics
+TEXT_IN = 'text_in'                     # std_msgs/String, text observations from any source
+RESPONSE = 'response'                   # sage_interfaces/Response, what SAGE says
+RESPONSE_STREAM = 'response/stream'     # sage_interfaces/ResponseChunk, answers while generated
+SALIENCE = 'salience'                   # sage_interfaces/Salience, one per scored observation
+STATE = 'state'                         # sage_interfaces/KernelState, transient-local
+MODELS_STATUS = 'models/status'         # sage_interfaces/ModelStatus, transient-local
+BLOCKS_DESCRIPTION = 'blocks/description'  # sage_interfaces/BlockDescription, transient-local
+
+# Actions: one typed action per capability block, and the model manager's two.
+BLOCK_LANGUAGE = 'blocks/language'
+BLOCK_PERCEPTION = 'blocks/perception'
+BLOCK_MEMORY = 'blocks/memory'
+BLOCK_REASONING = 'blocks/reasoning'
+MODEL_GENERATE = 'model_manager/generate'
+MODEL_SWAP = 'model_manager/swap'
+
+# Services
+LANGUAGE_RESET = 'blocks/language/reset'
+
+# The public contract, (kind, relative name, type), checked by the graph test.
+CONTRACT: Tuple[Tuple[str, str, str], ...] = (
+    ('topic', TEXT_IN, 'std_msgs/msg/String'),
+    ('topic', RESPONSE, 'sage_interfaces/msg/Response'),
+    ('topic', RESPONSE_STREAM, 'sage_interfaces/msg/ResponseChunk'),
+    ('topic', SALIENCE, 'sage_interfaces/msg/Salience'),
+    ('topic', STATE, 'sage_interfaces/msg/KernelState'),
+    ('topic', MODELS_STATUS, 'sage_interfaces/msg/ModelStatus'),
+    ('topic', BLOCKS_DESCRIPTION, 'sage_interfaces/msg/BlockDescription'),
+    ('action', BLOCK_LANGUAGE, 'sage_interfaces/action/Language'),
+    ('action', BLOCK_PERCEPTION, 'sage_interfaces/action/Perception'),
+    ('action', BLOCK_MEMORY, 'sage_interfaces/action/Memory'),
+    ('action', BLOCK_REASONING, 'sage_interfaces/action/Reasoning'),
+    ('action', MODEL_GENERATE, 'sage_interfaces/action/Generate'),
+    ('action', MODEL_SWAP, 'sage_interfaces/action/SwapModel'),
+    ('service', LANGUAGE_RESET, 'sage_interfaces/srv/ResetConversation'),
+)
+
+
+def qualify(name: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """`'text_in', '/sage'` -> `'/sage/text_in'`."""
+    ns = '/' + namespace.strip('/')
+    return f'{ns.rstrip("/")}/{name}' if ns != '/' else f'/{name}'

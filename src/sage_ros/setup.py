@@ -1,0 +1,32 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'sage_ros'
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(exclude=['test', 'test.*']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
+        ('share/' + package_name + '/config', glob('config/*.yaml')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='sage_ros maintainers',
+    maintainer_email='maintainers@sage-ros.dev',
+    description='SAGE cognition kernel as a ROS 2 node graph',
+    license='Apache-2.0',
+    entry_points={
+        'console_scripts': [
+            'sage = sage_ros.cli.main:main',
+            'kernel = sage_ros.nodes.kernel:main',
+            'text_sensor = sage_ros.nodes.text_sensor:main',
+            'language_block = sage_ros.nodes.language_block:main',
+            'model_manager = sage_ros.nodes.model_manager:main',
+        ],
+    },
+)
