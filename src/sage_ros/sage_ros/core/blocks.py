@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 
 class BlockType(str, enum.Enum):
@@ -86,7 +86,7 @@ class BlockRegistry:
     def remove(self, name: str) -> None:
         self._blocks.pop(name, None)
 
-    def __iter__(self) -> Iterable[BlockDescriptor]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[BlockDescriptor]:
         return iter(list(self._blocks.values()))
 
     def find(self, capability: str, modality: str,

@@ -257,11 +257,11 @@ class ModelPool:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             step('weights', 0.3)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-            model.to(spec.device)
+            model.to(torch.device(spec.device))  # type: ignore[arg-type]  # decorated .to()
             model.eval()
         except Cancelled:
             raise
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        except Exception as exc:  # corrupt files raise many types; all mean "cannot load"
             release_memory()
             raise LoadError(f'cannot load model for role {spec.role!r} from {path}: '
                              f'{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}') from exc

@@ -95,7 +95,7 @@ def convert(gguf: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.bfloat16)
     # The weights are dense now; drop the GGUF quantizer marker or save_pretrained refuses.
-    model.hf_quantizer = None
+    setattr(model, 'hf_quantizer', None)
     if hasattr(model.config, 'quantization_config'):
         del model.config.quantization_config
     model.save_pretrained(str(out_dir))

@@ -97,10 +97,11 @@ class TextSalience:
     """
 
     def __init__(self, weights: SalienceWeights | None = None, ema_alpha: float = 0.3,
-                 reward_alpha: float = 0.2) -> None:
+                 reward_alpha: float = 0.2, min_error: float = 0.05) -> None:
         self.weights = weights or SalienceWeights()
         self._alpha = ema_alpha
         self._reward_alpha = reward_alpha
+        self._min_error = min_error
         self._sensors: Dict[str, _SensorHistory] = {}
 
     def score(self, sensor_id: str, text: str) -> SalienceScore:
@@ -112,8 +113,10 @@ class TextSalience:
             h.prediction = feats
         else:
             err = math.dist(feats, h.prediction)
-            mean_err = statistics.fmean(h.errors) if h.errors else err
-            surprise = err / (err + mean_err) if err > 0 else 0.0
+            # Relative to the usual error, but never to less than a floor: tiny fluctuations of
+            # a steady input must not look maximally surprising.
+            usual = max(statistics.fmean(h.errors) if h.errors else err, self._min_error)
+            surprise = err / (err + usual) if err > 0 else 0.0
             h.errors.append(err)
             h.prediction = tuple(self._alpha * x + (1 - self._alpha) * p
                                  for x, p in zip(feats, h.prediction))
@@ -135,9 +138,10 @@ class TextSalience:
             arousal = inten
         h.intensities.append(inten)
 
-        dims = tuple(_clip(x) for x in (surprise, novelty, arousal, h.reward, 0.0))
+        dims = [_clip(x) for x in (surprise, novelty, arousal, h.reward, 0.0)]
         total = _clip(sum(w * d for w, d in zip(self.weights.normalised(), dims)))
-        return SalienceScore(*dims, total=total)
+        return SalienceScore(surprise=dims[0], novelty=dims[1], arousal=dims[2], reward=dims[3],
+                             conflict=dims[4], total=total)
 
     def record_outcome(self, sensor_id: str, success: bool) -> None:
         h = self._sensors.setdefault(sensor_id, _SensorHistory())

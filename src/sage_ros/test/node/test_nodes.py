@@ -1,0 +1,179 @@
+"""Nodes in one process over real rclpy (discovery off): lifecycle, actions, the text path."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import rclpy
+import yaml
+from lifecycle_msgs.msg import State
+from rclpy.action import ActionClient
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from sage_interfaces.action import Generate, SwapModel
+from sage_interfaces.msg import ChatMessage, KernelState, ModelStatus, Response, Salience
+from std_msgs.msg import String
+
+from conftest import params_for
+from sage_ros import graph, names
+from sage_ros.cli.graph_runner import context_args, create_nodes
+from sage_ros.nodes.common import LATCHED, RELIABLE, executor_threads
+from sage_ros.nodes.model_manager import ModelManagerNode
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = 'condition') -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out waiting for {what}')
+        time.sleep(0.01)
+
+
+class Harness:
+    """Nodes under test plus a probe node, spinning on one executor in a thread."""
+
+    def __init__(self, params: dict, tmp: Path, specs: Tuple[graph.NodeSpec, ...]) -> None:
+        pf = tmp / 'params.yaml'
+        pf.write_text(yaml.safe_dump(params))
+        self.context = Context()
+        rclpy.init(args=context_args(names.DEFAULT_NAMESPACE, pf), context=self.context)
+        self.nodes = create_nodes(specs, self.context)
+        self.probe = Node('probe', context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=executor_threads(len(specs) + 1),
+                                              context=self.context)
+        for n in [*self.nodes, self.probe]:
+            self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def node(self, cls: type) -> Node:
+        return next(n for n in self.nodes if isinstance(n, cls))
+
+    def collect(self, msg_type: type, topic: str, qos: object = RELIABLE) -> List[object]:
+        got: List[object] = []
+        self.probe.create_subscription(msg_type, topic, got.append, qos)  # type: ignore[arg-type]
+        return got
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=5.0)
+        self.thread.join(timeout=5.0)
+        for n in [*self.nodes, self.probe]:
+            n.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+@pytest.fixture
+def harness(tmp_path: Path, tiny_models: Dict[str, Path]) -> Iterator[Callable[..., Harness]]:
+    made: List[Harness] = []
+
+    def make(specs: Tuple[graph.NodeSpec, ...], **overrides: object) -> Harness:
+        h = Harness(params_for(tiny_models, **overrides), tmp_path, specs)
+        made.append(h)
+        return h
+    yield make
+    for h in made:
+        h.close()
+
+
+def send_goal(client: ActionClient, goal: object, timeout: float = 60.0
+              ) -> Tuple[bool, Optional[object], List[object]]:
+    feedback: List[object] = []
+    assert client.wait_for_server(timeout_sec=10.0)
+    sent = client.send_goal_async(goal, feedback_callback=lambda f: feedback.append(f.feedback))
+    wait_for(sent.done, timeout, 'goal response')
+    handle = sent.result()
+    if not handle.accepted:
+        return False, None, feedback
+    res = handle.get_result_async()
+    wait_for(res.done, timeout, 'result')
+    return True, res.result().result, feedback
+
+
+def test_model_manager_lifecycle_and_actions(harness: Callable[..., Harness]) -> None:
+    h = harness((graph.MODEL_MANAGER,), **{'model_manager:autostart': False})
+    mm = h.node(ModelManagerNode)
+    assert isinstance(mm, ModelManagerNode)
+    status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    swap = ActionClient(h.probe, SwapModel, names.MODEL_SWAP)
+    hello = Generate.Goal(role='small', messages=[ChatMessage(role='user', content='hello')])
+
+    accepted, _, _ = send_goal(gen, hello)
+    assert not accepted, 'generate must be closed before activation'
+
+    mm.trigger_configure()
+    assert mm._state_machine.current_state[1] == 'inactive'
+    assert not send_goal(gen, hello)[0], 'generate must stay closed while inactive'
+    mm.trigger_activate()
+    wait_for(lambda: status and status[-1].lifecycle_state == 'active', what='active status')
+    assert [m.role for m in status[-1].loaded] == ['small']
+
+    ok, result, feedback = send_goal(gen, hello)
+    assert ok and result.error_code == Generate.Result.NONE
+    assert result.model == 'tiny-small' and not result.swapped and result.completion_tokens == 8
+    assert ''.join(f.text for f in feedback).strip() == result.text and len(feedback) > 1
+
+    ok, result, feedback = send_goal(swap, SwapModel.Goal(role='large', reason='test'))
+    assert ok and result.error_code == SwapModel.Result.NONE and result.model == 'tiny-large'
+    assert [f.stage for f in feedback][-1] == 'done' and feedback[-1].progress == 1.0
+    wait_for(lambda: [m.role for m in status[-1].loaded] == ['large'], what='large loaded')
+    assert status[-1].last_swap.from_role == 'small' and status[-1].last_swap.to_role == 'large'
+
+    ok, result, _ = send_goal(gen, Generate.Goal(role='nope', messages=hello.messages))
+    assert ok and result.error_code == Generate.Result.UNKNOWN_ROLE and 'nope' in result.error_msg
+
+    mm.trigger_deactivate()
+    mm.trigger_cleanup()
+    wait_for(lambda: status[-1].lifecycle_state == 'unconfigured' and not status[-1].loaded,
+             what='models unloaded on cleanup')
+
+
+def test_model_manager_configure_fails_clearly_on_a_missing_model(
+        harness: Callable[..., Harness], tmp_path: Path) -> None:
+    h = harness((graph.MODEL_MANAGER,), **{'model_manager:autostart': False,
+                                          'model_manager:models.small.path': str(tmp_path / 'none')})
+    mm = h.node(ModelManagerNode)
+    status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    assert isinstance(mm, ModelManagerNode)
+    mm.trigger_configure()
+    assert mm._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+    wait_for(lambda: status and 'not found' in status[-1].error, what='error in status')
+
+
+def test_text_in_to_response_through_kernel_language_block_and_model_manager(
+        harness: Callable[..., Harness]) -> None:
+    h = harness((graph.KERNEL, graph.LANGUAGE_BLOCK, graph.MODEL_MANAGER))
+    responses = h.collect(Response, names.RESPONSE)
+    salience = h.collect(Salience, names.SALIENCE)
+    states = h.collect(KernelState, names.STATE, LATCHED)
+    wait_for(lambda: states and 'language' in states[-1].blocks, what='kernel knows the block')
+    pub = h.probe.create_publisher(String, names.TEXT_IN, RELIABLE)
+    models = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    wait_for(lambda: models and models[-1].lifecycle_state == 'active', what='model manager active')
+
+    lines = ['hello', 'Design a charging schedule for the robot', '', 'x' * 1_000_000,
+             'ctrl\x07 chars\x1b[31m\x7f', 'what did I say first?']
+    for line in lines:
+        pub.publish(String(data=line))
+    wait_for(lambda: len(responses) == len(lines), 120, 'a response per observation')
+    by_turn = {r.turn_id: r for r in responses}
+    r = [by_turn[i] for i in range(1, len(lines) + 1)]
+    assert r[0].status == Response.STATUS_OK and r[0].role == 'small' and r[0].completion_tokens == 8
+    assert r[0].model == 'tiny-small' and r[0].complexity == 'simple' and r[0].latency_s > 0
+    assert r[1].status == Response.STATUS_OK and r[1].role == 'large' and r[1].swapped
+    assert r[2].status == Response.STATUS_REJECTED and 'empty' in r[2].error
+    assert r[3].status == Response.STATUS_REJECTED and 'too long' in r[3].error
+    assert r[4].status == Response.STATUS_OK and r[4].input_text == 'ctrl chars[31m'
+    assert r[4].role == 'small' and r[4].swapped           # back to small after the large turn
+    assert r[5].status == Response.STATUS_OK and r[5].role == 'small' and not r[5].swapped
+    assert sorted(s.turn_id for s in salience) == [1, 2, 5, 6]  # rejected input is not scored
+    wait_for(lambda: states[-1].active_dispatches == 0, what='dispatches settled')
+    last = states[-1]
+    assert last.observations_total == 6 and last.rejected_total == 2 and last.dispatches_total == 4
+    assert last.metabolic_state == 'WAKE' and last.atp_level < last.atp_capacity
+    assert {t.name for t in last.trust} == {'language', 'text'}
