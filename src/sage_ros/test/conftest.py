@@ -47,7 +47,7 @@ def build_tiny_model(out: Path, seed: int) -> Path:
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=True,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)  # type: ignore[arg-type]  # decorated .to()
     # Never emit special tokens: every generation runs to max_new_tokens with visible text.
     model.generation_config.suppress_tokens = tok.convert_tokens_to_ids(specials)
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -267,7 +267,6 @@ class ModelPool:
                              f'{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}') from exc
         if tokenizer.chat_template is None:
             raise LoadError(f'model for role {spec.role!r} at {path} has no chat template')
-        step('warmup', 0.9)
         memory = max(0, _memory_in_use(spec.device) - before)
         if progress:
             progress('done', 1.0)

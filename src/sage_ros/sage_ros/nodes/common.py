@@ -63,7 +63,8 @@ def executor_threads(nodes: int) -> int:
 
 def spin_nodes(nodes: Sequence[Node]) -> None:
     """Spin until Ctrl-C or external shutdown, then destroy the nodes."""
-    executor = MultiThreadedExecutor(num_threads=executor_threads(len(nodes)))
+    executor = MultiThreadedExecutor(num_threads=executor_threads(len(nodes)),
+                                     context=nodes[0].context)
     for n in nodes:
         executor.add_node(n)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 import rclpy
@@ -54,8 +54,8 @@ class Harness:
     def node(self, cls: type) -> Node:
         return next(n for n in self.nodes if isinstance(n, cls))
 
-    def collect(self, msg_type: type, topic: str, qos: object = RELIABLE) -> List[object]:
-        got: List[object] = []
+    def collect(self, msg_type: type, topic: str, qos: object = RELIABLE) -> List[Any]:
+        got: List[Any] = []
         self.probe.create_subscription(msg_type, topic, got.append, qos)  # type: ignore[arg-type]
         return got
 
@@ -81,8 +81,8 @@ def harness(tmp_path: Path, tiny_models: Dict[str, Path]) -> Iterator[Callable[.
 
 
 def send_goal(client: ActionClient, goal: object, timeout: float = 60.0
-              ) -> Tuple[bool, Optional[object], List[object]]:
-    feedback: List[object] = []
+              ) -> Tuple[bool, Any, List[Any]]:
+    feedback: List[Any] = []
     assert client.wait_for_server(timeout_sec=10.0)
     sent = client.send_goal_async(goal, feedback_callback=lambda f: feedback.append(f.feedback))
     wait_for(sent.done, timeout, 'goal response')

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import pytest
 
 from sage_ros.core.conversation import ChatTurn
 from sage_ros.core.language import LanguageBlock
 from sage_ros.core.models import (Cancelled, GenerationResult, LoadError, ModelPool, ModelSpec,
-                                  UnknownRole, resolve_model_path)
+                                  StopFn, TextFn, UnknownRole, resolve_model_path)
 from sage_ros.core.routing import Complexity
 
 HELLO = [ChatTurn('system', 'be brief'), ChatTurn('user', 'hello robot')]
@@ -111,9 +111,12 @@ class Recorder:
         self.inner = inner
         self.calls: List[Sequence[ChatTurn]] = []
 
-    def generate(self, role: str, messages: Sequence[ChatTurn], **kw: object) -> GenerationResult:
+    def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
+                 temperature: float = 0.0, on_text: Optional[TextFn] = None,
+                 should_stop: Optional[StopFn] = None) -> GenerationResult:
         self.calls.append(list(messages))
-        return self.inner.generate(role, messages, **kw)  # type: ignore[arg-type]
+        return self.inner.generate(role, messages, max_new_tokens, temperature, on_text,
+                                   should_stop)
 
 
 def test_conversation_survives_a_swap(tiny_models: Dict[str, Path]) -> None:

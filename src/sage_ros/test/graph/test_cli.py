@@ -1,0 +1,78 @@
+"""The `sage` command as a user runs it: mistakes are one clear line; the demo on real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import yaml
+
+from conftest import params_for
+
+SAGE = [sys.executable, '-m', 'sage_ros.cli.main']
+
+
+def run(*args: str, stdin: str = '', timeout: float = 300, domain: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
+               ROS_DOMAIN_ID=str(domain or 100 + os.getpid() % 30))
+    return subprocess.run([*SAGE, *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_clear_line(p: subprocess.CompletedProcess, expected: str) -> None:
+    assert p.returncode == 2, p.stderr
+    assert 'Traceback' not in p.stderr and 'Traceback' not in p.stdout
+    errors = [line for line in p.stderr.splitlines() if 'error' in line]
+    assert len(errors) == 1 and expected in errors[0], p.stderr
+
+
+def test_help_describes_every_command() -> None:
+    p = run('--help')
+    assert p.returncode == 0 and all(c in p.stdout for c in ('chat', 'up', 'models'))
+    p = run('chat', '--help')
+    assert p.returncode == 0 and '--script' in p.stdout and '--json' in p.stdout
+
+
+def test_bad_params_path_is_one_line() -> None:
+    one_clear_line(run('chat', '--params-file', '/no/such.yaml', '--script', '-', stdin='hi\n'),
+                   'parameters file not found: /no/such.yaml')
+    one_clear_line(run('up', '--params-file', '/no/such.yaml'), 'parameters file not found')
+
+
+def test_empty_script_is_one_line(tiny_params_file: Path) -> None:
+    one_clear_line(run('chat', '--embedded', '--params-file', str(tiny_params_file),
+                       '--script', '-', '--json', stdin='\n  \n'),
+                   'no input: standard input has no non-empty lines')
+
+
+def test_missing_model_is_one_line(tmp_path: Path, tiny_models: Dict[str, Path]) -> None:
+    pf = tmp_path / 'missing.yaml'
+    pf.write_text(yaml.safe_dump(params_for(
+        tiny_models, **{'model_manager:models.small.path': str(tmp_path / 'gone')})))
+    one_clear_line(run('chat', '--embedded', '--params-file', str(pf), '--script', '-',
+                       stdin='hello\n'), "model for role 'small' not found")
+
+
+def test_invalid_parameter_value_is_one_line(tmp_path: Path, tiny_models: Dict[str, Path]) -> None:
+    pf = tmp_path / 'bad.yaml'
+    pf.write_text(yaml.safe_dump(params_for(tiny_models, **{'text_sensor:source': 'carrier pigeon'})))
+    one_clear_line(run('up', '--params-file', str(pf)), "source='carrier pigeon'")
+
+
+@pytest.mark.slow
+def test_demo_answers_small_then_large_with_a_swap_and_keeps_the_conversation() -> None:
+    p = run('chat', '--embedded', '--script', '-', '--json', timeout=600,
+            stdin='hello\nDesign a simple routine for a robot to tidy a desk.\nthanks!\n')
+    assert p.returncode == 0, p.stderr
+    turns = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [(t['model'], t['role'], t['swapped']) for t in turns] == [
+        ('SmolLM2-135M-Instruct', 'small', False),
+        ('Qwen2.5-Coder-0.5B-Instruct', 'large', True),
+        ('SmolLM2-135M-Instruct', 'small', True)]
+    assert all(t['status'] == 'ok' and t['response'] for t in turns)
+    assert [t['complexity'] for t in turns] == ['simple', 'complex', 'simple']
