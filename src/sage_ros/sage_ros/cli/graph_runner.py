@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 from rclpy.context import Context
 from rclpy.node import Node
 
-from ..graph import NodeSpec, Profile, ros_args
+from ..graph import TEXT_SENSOR, NodeSpec, Profile, ros_args
 
 
 class GraphError(RuntimeError):
@@ -58,7 +58,9 @@ def run_processes(profile: Profile, namespace: str, params_file: Path,
     procs = []
     for spec in specs or profile.nodes:
         cmd = [sys.executable, '-m', spec.module, *ros_args(spec, namespace, params_file)]
-        procs.append((spec, subprocess.Popen(cmd, stdin=subprocess.DEVNULL if spec.name != 'text_sensor' else None)))
+        # Only the text sensor reads the terminal; the others must not compete for it.
+        stdin = None if spec is TEXT_SENSOR else subprocess.DEVNULL
+        procs.append((spec, subprocess.Popen(cmd, stdin=stdin)))
         print(f'[sage up] started {spec.name} (pid {procs[-1][1].pid})', file=sys.stderr)
     code = 0
     try:

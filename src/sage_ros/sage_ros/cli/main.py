@@ -85,6 +85,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f'[sage up] {profile.name}: {", ".join(n.get_name() for n in nodes)} in '
               f'{args.namespace} (Ctrl-C to stop)', file=sys.stderr)
         spin_nodes(nodes)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how `sage up` stops, wherever it lands
     finally:
         rclpy.try_shutdown(context=context)
     return 0
@@ -92,8 +94,9 @@ def _up(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from .chat import Chat, run_interactive, run_script
+    from .graph_runner import GraphError
     if args.json and not args.script:
-        raise ValueError('--json needs --script')
+        raise GraphError('--json needs --script FILE')
     chat = Chat(PROFILES[args.profile], args.namespace, args.params_file, args.mode,
                 args.verbose)
     try:
@@ -123,10 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
     from ..core.offline_models import PrepareError
+    from ..nodes.common import ConfigError
     from .graph_runner import GraphError
     try:
         return {'chat': _chat, 'up': _up, 'models': _models}[args.command](args)
-    except (GraphError, PrepareError, ValueError) as exc:
+    except (GraphError, PrepareError, ConfigError) as exc:
         print(f'sage: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -88,5 +88,7 @@ def run_node(factory: Callable[[], Node], args: Optional[List[str]] = None) -> i
             return 2
         spin_nodes([node])
         return 0
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a node stops, wherever it lands
     finally:
         rclpy.try_shutdown()
