@@ -20,9 +20,9 @@ from std_msgs.msg import String
 
 from .. import names
 from ..core.text import InvalidText, sanitize
-from ..graph import Profile
+from ..graph import Profile, params_path
 from ..nodes.common import LATCHED, RELIABLE, executor_threads
-from .graph_runner import GraphError, context_args, create_nodes
+from .graph_runner import GraphError, check_params_file, context_args, create_nodes
 
 CONSOLE_NODE = 'sage_console'
 
@@ -84,8 +84,6 @@ class Chat:
 
     # ---- start-up ----------------------------------------------------------------------------
     def start(self, discovery_s: float, ready_timeout_s: float) -> None:
-        from ..graph import params_path
-        from .graph_runner import check_params_file
         params = check_params_file(self.params_file or params_path(self.profile))
         rclpy.init(args=context_args(self.namespace, params if self.mode != 'attach' else None,
                                      '' if self.verbose else 'fatal'),

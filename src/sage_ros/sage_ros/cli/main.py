@@ -97,6 +97,8 @@ def _chat(args: argparse.Namespace) -> int:
     from .graph_runner import GraphError
     if args.json and not args.script:
         raise GraphError('--json needs --script FILE')
+    if args.script and args.script != '-' and not os.path.isfile(args.script):
+        raise GraphError(f'no such script file: {args.script}')  # before starting anything
     chat = Chat(PROFILES[args.profile], args.namespace, args.params_file, args.mode,
                 args.verbose)
     try:

@@ -286,6 +286,7 @@ class ModelPool:
         t0 = time.monotonic()
         with self._lock:
             self.busy = True
+            self._notify()
             try:
                 swapped = not self.is_loaded(spec.role)
                 entry = self.load(spec.role, reason=f'generate request for role {spec.role}',
@@ -294,6 +295,7 @@ class ModelPool:
                                       temperature, on_text, should_stop, swapped, t0)
             finally:
                 self.busy = False
+                self._notify()
 
     def _generate(self, entry: LoadedModel, messages: Sequence[ChatTurn], max_new_tokens: int,
                   temperature: float, on_text: Optional[TextFn], should_stop: Optional[StopFn],

@@ -44,6 +44,11 @@ def test_bad_params_path_is_one_line() -> None:
     one_clear_line(run('up', '--params-file', '/no/such.yaml'), 'parameters file not found')
 
 
+def test_missing_script_is_one_line_before_anything_starts() -> None:
+    one_clear_line(run('chat', '--script', '/no/such/script.txt'),
+                   'no such script file: /no/such/script.txt')
+
+
 def test_empty_script_is_one_line(tiny_params_file: Path) -> None:
     one_clear_line(run('chat', '--embedded', '--params-file', str(tiny_params_file),
                        '--script', '-', '--json', stdin='\n  \n'),

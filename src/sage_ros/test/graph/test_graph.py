@@ -99,23 +99,18 @@ def graph_processes(tiny_params_file: Path, domain: int) -> Iterator[Tuple[Probe
 def test_processes_expose_the_whole_contract(graph_processes: Tuple[Probe, subprocess.Popen]) -> None:
     probe, proc = graph_processes
     probe.wait(lambda: expected_nodes() <= probe.node_names(), 60, 'all nodes')
-    topics = dict(probe.node.get_topic_names_and_types())
-    services = dict(probe.node.get_service_names_and_types())
-    actions: Dict[str, List[str]] = {}
+    tables: Dict[str, Dict[str, List[str]]] = {}
 
     def contract_visible() -> bool:
-        nonlocal topics, services, actions
-        topics = dict(probe.node.get_topic_names_and_types())
-        services = dict(probe.node.get_service_names_and_types())
-        actions = dict(get_action_names_and_types(probe.node))
-        return all(n in {'topic': topics, 'service': services, 'action': actions}[k]
-                   for k, n, _ in ((k, names.qualify(n), t) for k, n, t in names.CONTRACT))
+        tables.update(topic=dict(probe.node.get_topic_names_and_types()),
+                      service=dict(probe.node.get_service_names_and_types()),
+                      action=dict(get_action_names_and_types(probe.node)))
+        return all(names.qualify(n) in tables[k] for k, n, _ in names.CONTRACT)
     probe.wait(contract_visible, 30, 'every contract name')
     for kind, rel, type_name in names.CONTRACT:
-        table = {'topic': topics, 'service': services, 'action': actions}[kind]
-        assert table[names.qualify(rel)] == [type_name], (kind, rel)
+        assert tables[kind][names.qualify(rel)] == [type_name], (kind, rel)
     # The model manager is a lifecycle node.
-    assert '/sage/model_manager/get_state' in services
+    assert '/sage/model_manager/get_state' in tables['service']
     assert proc.poll() is None
 
 

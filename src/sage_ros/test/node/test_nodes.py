@@ -117,6 +117,8 @@ def test_model_manager_lifecycle_and_actions(harness: Callable[..., Harness]) ->
     assert ok and result.error_code == Generate.Result.NONE
     assert result.model == 'tiny-small' and not result.swapped and result.completion_tokens == 8
     assert ''.join(f.text for f in feedback).strip() == result.text and len(feedback) > 1
+    wait_for(lambda: not status[-1].busy, what='idle status after generate')
+    assert any(m.busy for m in status), 'status must show the manager busy while generating'
 
     ok, result, feedback = send_goal(swap, SwapModel.Goal(role='large', reason='test'))
     assert ok and result.error_code == SwapModel.Result.NONE and result.model == 'tiny-large'
