@@ -56,6 +56,16 @@ def build_tiny_model(out: Path, seed: int) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def isolated_state_dir(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Persistent state (trust, swap history) goes to a fresh directory per test, never to ~;
+    processes started by the test inherit it through the environment."""
+    path = tmp_path_factory.mktemp('state')
+    monkeypatch.setenv('SAGE_STATE_DIR', str(path))
+    return path
+
+
 @pytest.fixture(scope='session')
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     root = tmp_path_factory.mktemp('tiny_models')
