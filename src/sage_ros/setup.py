@@ -27,6 +27,7 @@ setup(
             'text_sensor = sage_ros.nodes.text_sensor:main',
             'language_block = sage_ros.nodes.language_block:main',
             'model_manager = sage_ros.nodes.model_manager:main',
+            'reasoning_block = sage_ros.nodes.reasoning_block:main',
         ],
     },
 )
