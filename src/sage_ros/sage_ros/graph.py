@@ -33,6 +33,8 @@ LANGUAGE_BLOCK = NodeSpec(names.LANGUAGE_BLOCK, 'language_block', 'sage_ros.node
                           'LanguageBlockNode')
 MODEL_MANAGER = NodeSpec(names.MODEL_MANAGER, 'model_manager', 'sage_ros.nodes.model_manager',
                          'ModelManagerNode', lifecycle=True)
+REASONING_BLOCK = NodeSpec(names.REASONING_BLOCK, 'reasoning_block', 'sage_ros.nodes.reasoning_block',
+                           'ReasoningBlockNode')
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,15 @@ class Profile:
     description: str
 
 
-_ALL = (TEXT_SENSOR, KERNEL, LANGUAGE_BLOCK, MODEL_MANAGER)
+_ALL = (TEXT_SENSOR, KERNEL, LANGUAGE_BLOCK, REASONING_BLOCK, MODEL_MANAGER)
+# Sprout has one 0.5B model and 8 GB shared memory: decomposing through the same small model
+# gains little and the block's process costs memory, so the kernel answers in plain language.
+_WITHOUT_REASONING = tuple(s for s in _ALL if s is not REASONING_BLOCK)
 
 PROFILES: Dict[str, Profile] = {
     'thor': Profile('thor', 'thor.yaml', _ALL,
                     'Jetson AGX Thor: Qwen2.5-0.5B (small) and Qwen2.5-14B (large) on CUDA'),
-    'sprout': Profile('sprout', 'sprout.yaml', _ALL,
+    'sprout': Profile('sprout', 'sprout.yaml', _WITHOUT_REASONING,
                       'Jetson Orin Nano: Qwen2.5-0.5B only'),
     'demo': Profile('demo', 'demo.yaml', _ALL,
                     'any x86_64 machine, offline: SmolLM2-135M (small), Qwen2.5-Coder-0.5B (large)'),

@@ -15,6 +15,7 @@ KERNEL = 'kernel'
 TEXT_SENSOR = 'text_sensor'
 LANGUAGE_BLOCK = 'language_block'
 MODEL_MANAGER = 'model_manager'   # a lifecycle node
+REASONING_BLOCK = 'reasoning_block'
 
 # Topics
 TEXT_IN = 'text_in'                     # std_msgs/String, text observations from any source

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from node_harness import Harness
 
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'OFF'
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -77,6 +80,11 @@ def params_for(models: Dict[str, Path], **overrides: object) -> dict:
     """The demo parameters with the tiny models in place of the real ones."""
     from sage_ros.graph import PROFILES, params_path
     params = yaml.safe_load(params_path(PROFILES['demo']).read_text())
+    # No MiniLM in the fast tests' kernel and language block (seconds per process); the slow
+    # scenario and demo tests run the real embedder and router.
+    params['/**/kernel']['ros__parameters']['salience']['text_embedder'] = 'ngram'
+    params['/**/kernel']['ros__parameters']['router'] = 'keyword'
+    params['/**/language_block']['ros__parameters']['router'] = 'keyword'
     mm = params['/**/model_manager']['ros__parameters']
     for role, path in models.items():
         mm['models'][role].update(model_id=f'tiny-{role}', path=str(path), max_new_tokens=8,
@@ -96,3 +104,18 @@ def tiny_params_file(tmp_path: Path, tiny_models: Dict[str, Path]) -> Path:
     path = tmp_path / 'tiny.yaml'
     path.write_text(yaml.safe_dump(params_for(tiny_models)))
     return path
+
+
+@pytest.fixture
+def harness(tmp_path: Path, tiny_models: Dict[str, Path]) -> Iterator[Callable[..., 'Harness']]:
+    """Builds in-process graphs (`node_harness.Harness`) with the tiny models; closes them."""
+    from node_harness import Harness
+    made: List[Harness] = []
+
+    def make(specs: Tuple[Any, ...], **overrides: object) -> Harness:
+        h = Harness(params_for(tiny_models, **overrides), tmp_path, specs)
+        made.append(h)
+        return h
+    yield make
+    for h in made:
+        h.close()

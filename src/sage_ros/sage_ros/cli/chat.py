@@ -9,13 +9,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import IO, Iterator, List, Optional
+from typing import IO, Any, Dict, Iterator, List, Optional
 
 import rclpy
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
-from sage_interfaces.msg import KernelState, ModelStatus, Response, ResponseChunk
+from sage_interfaces.msg import KernelState, ModelStatus, Response, ResponseChunk, Salience
 from std_msgs.msg import String
 
 from .. import names
@@ -43,7 +43,9 @@ class ConsoleNode(Node):
         self.chunks: 'queue.Queue[ResponseChunk]' = queue.Queue()
         self.state: Optional[KernelState] = None
         self.models: Optional[ModelStatus] = None
+        self.salience: Dict[int, Salience] = {}   # by turn id, the latest few
         self.create_subscription(Response, names.RESPONSE, self.responses.put, RELIABLE)
+        self.create_subscription(Salience, names.SALIENCE, self._on_salience, RELIABLE)
         self.create_subscription(ResponseChunk, names.RESPONSE_STREAM, self.chunks.put, RELIABLE)
         self.create_subscription(KernelState, names.STATE, self._on_state, LATCHED)
         self.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_models, LATCHED)
@@ -53,6 +55,11 @@ class ConsoleNode(Node):
 
     def _on_models(self, msg: ModelStatus) -> None:
         self.models = msg
+
+    def _on_salience(self, msg: Salience) -> None:
+        self.salience[msg.turn_id] = msg
+        for old in sorted(self.salience)[:-64]:
+            del self.salience[old]
 
     def graph_running(self) -> bool:
         ns = self.get_namespace()
@@ -128,10 +135,11 @@ class Chat:
         said_loading = False
         while not self.console.ready():
             models = self.console.models
-            if models is not None and models.error:
-                raise GraphError(f'model manager: {models.error}')
-            if not said_loading and models is not None and models.lifecycle_state == 'unconfigured':
-                self.say(f'loading the {models.default_role} model...')
+            if (models is not None and models.error and not models.loaded
+                    and not models.loading_role and models.lifecycle_state != 'active'):
+                raise GraphError(f'model manager: {models.error}')  # nothing could load
+            if not said_loading and models is not None and models.loading_role:
+                self.say(f'loading the {models.loading_role} model...')
                 said_loading = True
             if time.monotonic() > deadline:
                 raise GraphError(f'the graph was not ready within {timeout_s:.0f} s '
@@ -180,24 +188,53 @@ class Chat:
         raise GraphError(f'no response within {timeout_s:.0f} s')
 
     def status_line(self, r: Response) -> str:
+        """One line under each answer: who answered, any swap or fallback, and the kernel's view
+        (metabolic state, salience and stance, ATP)."""
         if r.status != Response.STATUS_OK:
             kind = 'rejected' if r.status == Response.STATUS_REJECTED else 'failed'
             return f'[{kind}: {r.error}]'
         parts = [f'{r.role}: {r.model}', r.complexity, f'{r.latency_s:.2f} s']
+        if r.block and r.block != 'language':
+            parts.insert(0, f'via {r.block}')
+        models = self.console.models if self.console else None
         if r.swapped:
-            parts.append('model swapped')
+            swap = models.last_swap if models is not None else None
+            if swap is not None and swap.to_role == r.role and swap.succeeded:
+                parts.append(f'swapped {swap.from_role or "-"} -> {swap.to_role} '
+                             f'in {swap.duration_s:.1f} s')
+            else:
+                parts.append('model swapped')
+        if r.fallback:
+            parts.append(f'fallback from {r.requested_role}: {r.fallback}')
+        sal = self.console.salience.get(r.turn_id) if self.console else None
+        mind = f'{r.metabolic_state or "?"} salience {r.salience:.2f}'
+        if sal is not None and sal.stance:
+            mind += f' ({sal.stance})'
+        parts.append(mind)
         s = self.console.state if self.console else None
+        atp = f'ATP -{r.atp_spent:.1f}'
         if s is not None:
-            parts.append(f'{s.metabolic_state} ATP {s.atp_level:.0f}/{s.atp_capacity:.0f}')
+            atp += f' -> {s.atp_level:.0f}/{s.atp_capacity:.0f}'
+            if s.metabolic_state != r.metabolic_state:
+                atp += f', now {s.metabolic_state}'
+        parts.append(atp)
         return '[' + ' · '.join(parts) + ']'
 
 
-def as_json(line: str, r: Response) -> str:
-    return json.dumps({
+def as_json(line: str, r: Response, salience: Optional[Salience] = None) -> str:
+    record: Dict[str, Any] = {
         'turn_id': r.turn_id, 'input': line, 'response': r.text, 'model': r.model,
-        'role': r.role, 'complexity': r.complexity, 'latency_s': round(float(r.latency_s), 3),
+        'block': r.block, 'role': r.role, 'requested_role': r.requested_role,
+        'fallback': r.fallback,
+        'complexity': r.complexity, 'latency_s': round(float(r.latency_s), 3),
         'swapped': bool(r.swapped), 'status': ('ok', 'rejected', 'failed')[r.status],
-        'error': r.error}, ensure_ascii=False)
+        'error': r.error, 'metabolic_state': r.metabolic_state,
+        'salience': round(float(r.salience), 3), 'atp_spent': round(float(r.atp_spent), 3)}
+    if salience is not None:
+        record['stance'] = salience.stance
+        record['snarc'] = {d: round(float(getattr(salience, d)), 3) for d in
+                           ('surprise', 'novelty', 'arousal', 'reward', 'conflict')}
+    return json.dumps(record, ensure_ascii=False)
 
 
 def script_lines(path: str) -> Iterator[str]:
@@ -227,7 +264,8 @@ def run_script(chat: Chat, path: str, as_json_lines: bool, timeout_s: float) -> 
         r = outcome.response
         failed += r.status != Response.STATUS_OK
         if as_json_lines:
-            print(as_json(line, r), file=chat.out, flush=True)
+            sal = chat.console.salience.get(r.turn_id) if chat.console else None
+            print(as_json(line, r, sal), file=chat.out, flush=True)
         else:
             print(f'you> {line}\nsage> {r.text}\n{chat.status_line(r)}', file=chat.out, flush=True)
     return 1 if failed else 0

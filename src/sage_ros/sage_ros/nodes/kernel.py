@@ -1,15 +1,27 @@
-"""Kernel node: scores observations, routes them to capability blocks, publishes what happens."""
+"""Kernel node: runs the cognition engine (`core.kernel.Kernel`) on the ROS graph.
+
+Thin by design: it declares one parameter per engine constant (documentation, unit and range
+come from the core dataclasses), converts messages, turns the engine's decisions into action
+goals, cancels and messages, and logs. A cycle runs at `cycle_rate_hz` and after every
+observation.
+"""
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar, cast
 
+import numpy as np
 from action_msgs.msg import GoalStatus
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionClient
 from rclpy.action.client import ClientGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.task import Future
 from sage_interfaces.action import Language, Memory, Perception, Reasoning
 from sage_interfaces.msg import (BlockDescription, KernelState, Response, ResponseChunk, Salience,
@@ -18,24 +30,121 @@ from std_msgs.msg import String
 
 from .. import names
 from ..core.blocks import BlockDescriptor, BlockType
-from ..core.kernel import Dispatch, Kernel, KernelConfig, Rejection
-from ..core.salience import SalienceScore, SalienceWeights, TextSalience
+from ..core.embeddings import EmbeddingError, minilm_path, shared_embedder
+from ..core.kernel import (ACTION_LANGUAGE, ACTION_REASONING, KIND_REASONING, CycleResult,
+                           Dispatch, Kernel, KernelConfig, Rejection, WorkResult, config_params,
+                           config_with)
+from ..core.metabolism import NONE, MetabolicState
+from ..core.routing import Complexity, DatasetError, complexity_classifier, estimate_complexity
+from ..core.salience import SalienceScore, SnarcSalience, ngram_embedder
+from ..core.store import StateStore, resolve_state_file
 from .common import LATCHED, LATCHED_MANY, RELIABLE, ConfigError, declare, run_node, stamp
 
 TEXT_SENSOR_ID = 'text'
 # Every block action of the contract and its type; the kernel is the client of all of them.
 BLOCK_ACTIONS = {names.BLOCK_LANGUAGE: Language, names.BLOCK_PERCEPTION: Perception,
                  names.BLOCK_MEMORY: Memory, names.BLOCK_REASONING: Reasoning}
+EMBEDDERS = ('minilm', 'ngram')
+F = TypeVar('F', bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """Run a callback under the node's lock: action futures complete on executor tasks outside
+    the kernel's callback group, and parameter callbacks on the default group."""
+    @functools.wraps(method)
+    def wrapper(self: 'KernelNode', *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return cast(F, wrapper)
+
+
+class _FallbackEmbedder:
+    """MiniLM, or the hashing embedder if MiniLM cannot be loaded (said once in the log)."""
+
+    def __init__(self, node: Node, prefer_minilm: bool) -> None:
+        self._node = node
+        self._fallback = ngram_embedder()
+        self._minilm = prefer_minilm
+        if prefer_minilm:
+            try:
+                minilm_path()
+            except EmbeddingError as exc:
+                self._use_fallback(exc)
+
+    def _use_fallback(self, exc: Exception) -> None:
+        self._minilm = False
+        self._node.get_logger().warning(f'salience: {exc}; novelty uses hashed character '
+                                        'n-grams instead of MiniLM')
+
+    def warm_up(self) -> None:
+        if self._minilm:
+            threading.Thread(target=self, args=(['warm up'],), daemon=True).start()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if self._minilm:
+            try:
+                return shared_embedder().embed(texts)
+            except EmbeddingError as exc:
+                self._use_fallback(exc)
+        return self._fallback(texts)
+
+
+def _ros_value(value: Any) -> Any:
+    """A config value as a ROS parameter value (an empty list cannot be declared: 'none')."""
+    if isinstance(value, tuple):
+        return list(value) or [NONE]
+    return value
 
 
 class KernelNode(Node):
     """Thin adapter over `core.kernel.Kernel`: every decision is made there."""
 
-    def __init__(self, node_name: str = names.KERNEL, **kwargs: object) -> None:
-        super().__init__(node_name, **kwargs)  # type: ignore[arg-type]
-        p = self._declare_parameters()
-        self.core = Kernel(scorer=TextSalience(weights=p['weights']), config=p['config'])
-        self.dispatch_timeout_s: float = p['dispatch_timeout_s']
+    def __init__(self, node_name: str = names.KERNEL,
+                 complexity: Optional[Callable[[str], Complexity]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._lock = threading.RLock()    # parameter callbacks run outside the kernel's group
+        config = self._declare_engine_parameters()
+        cycle_rate_hz = declare(self, 'cycle_rate_hz', 10.0,
+                                'Kernel cycles per second (one also runs on every observation) '
+                                '[Hz]', read_only=True, min_value=0.1, max_value=1000.0)
+        state_period_s = declare(self, 'state_period_s', 1.0,
+                                 'Period of the `state` heartbeat (also published on every '
+                                 'change) [s]', read_only=True, min_value=0.05, max_value=3600.0)
+        state_file = declare(self, 'state_file', '',
+                             'Where trust and learned salience weights persist: "" = '
+                             '$SAGE_STATE_DIR/kernel.db, "none" = not persisted',
+                             read_only=True)
+        embedder_name = declare(self, 'salience.text_embedder', 'minilm',
+                                'Text embeddings for novelty and surprise: "minilm" (offline '
+                                'MiniLM) or "ngram" (hashed character n-grams, no model)',
+                                read_only=True)
+        if embedder_name not in EMBEDDERS:
+            raise ConfigError(f'salience.text_embedder must be one of {", ".join(EMBEDDERS)}, '
+                              f'got {embedder_name!r}')
+        self._embedder = _FallbackEmbedder(self, embedder_name == 'minilm')
+        path = resolve_state_file(state_file, 'kernel.db')
+        try:
+            store = StateStore(path) if path is not None else None
+        except OSError as exc:
+            raise ConfigError(f'state_file {str(path)!r}: {exc}') from exc
+        scorer = SnarcSalience(self._embedder, config.salience, config.weights)
+        self.core = Kernel(scorer, config, store=store, now=time.time())
+        router = declare(self, 'router', 'learned',
+                         'Complexity classifier that decides language vs. reasoning: "learned" '
+                         '(MiniLM exemplars + features) or "keyword" (the first heuristic)',
+                         read_only=True)
+        if complexity is None:
+            try:
+                complexity = complexity_classifier(router)
+            except ValueError as exc:
+                raise ConfigError(f'kernel parameter router: {exc}') from exc
+            except (EmbeddingError, DatasetError) as exc:
+                self.get_logger().warning(f'learned complexity router unavailable ({exc}); '
+                                          'using the keyword heuristic')
+                complexity = estimate_complexity
+        self.core.complexity = complexity
+        self._embedder.warm_up()
 
         # One group: observations, results and timers never race on the core's state.
         self._group = MutuallyExclusiveCallbackGroup()
@@ -43,7 +152,9 @@ class KernelNode(Node):
             self.resolve_topic_name(name): ActionClient(self, action, name,
                                                         callback_group=self._group)
             for name, action in BLOCK_ACTIONS.items()}
+        self._dispatches: Dict[int, Dispatch] = {}      # sent or being sent, not yet answered
         self._goals: Dict[int, ClientGoalHandle] = {}
+        self._cancel_on_accept: Set[int] = set()
 
         self._response_pub = self.create_publisher(Response, names.RESPONSE, RELIABLE)
         self._stream_pub = self.create_publisher(ResponseChunk, names.RESPONSE_STREAM, RELIABLE)
@@ -53,179 +164,279 @@ class KernelNode(Node):
                                  callback_group=self._group)
         self.create_subscription(BlockDescription, names.BLOCKS_DESCRIPTION, self._on_block,
                                  LATCHED_MANY, callback_group=self._group)
-        self.create_timer(p['state_period_s'], self._on_timer, callback_group=self._group)
+        self.create_timer(1.0 / cycle_rate_hz, self._on_cycle_timer, callback_group=self._group)
+        self.create_timer(state_period_s, self._publish_state, callback_group=self._group)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
         self._publish_state()
         self.get_logger().info(
             f'kernel ready: listening on {self.resolve_topic_name(names.TEXT_IN)}, '
-            f'ATP {self.core.ledger.level:.0f}/{self.core.ledger.capacity:.0f}')
+            f'{self.core.state.value}, ATP {self.core.ledger.level:.0f}/'
+            f'{self.core.ledger.capacity:.0f}, state in {path or "memory only"}')
 
-    def _declare_parameters(self) -> dict:
-        d = KernelConfig()
+    # ---- parameters --------------------------------------------------------------------------
+    def _declare_engine_parameters(self) -> KernelConfig:
+        """One parameter per engine constant, documented and ranged from the core."""
+        self._engine_params: Dict[str, bool] = {}
+        values: Dict[str, Any] = {}
+        for name, doc in config_params(KernelConfig()):
+            unit = f' [{doc.unit}]' if doc.unit else ''
+            try:
+                values[name] = declare(self, name, _ros_value(doc.default), doc.doc + unit,
+                                       read_only=not doc.runtime, min_value=doc.lo,
+                                       max_value=doc.hi)
+            except ParameterException as exc:   # wrong type or out of range in the YAML
+                raise ConfigError(f'kernel parameter {name}: {exc}') from None
+            self._engine_params[name] = doc.runtime
         try:
-            config = KernelConfig(
-                max_input_chars=declare(self, 'max_input_chars', d.max_input_chars,
-                                        'Longest accepted observation [characters]; longer is rejected',
-                                        min_value=1, max_value=1_000_000),
-                atp_capacity=declare(self, 'atp.capacity', d.atp_capacity,
-                                     'Maximum ATP [ATP]', read_only=True, min_value=1.0, max_value=1e6),
-                atp_recharge_per_s=declare(self, 'atp.recharge_per_s', d.atp_recharge_per_s,
-                                           'ATP regained per second [ATP/s]', read_only=True,
-                                           min_value=0.0, max_value=1e6),
-                atp_grant=declare(self, 'atp.grant', d.atp_grant,
-                                  'ATP reserved per dispatch; the unused part returns [ATP]',
-                                  read_only=True, min_value=0.0, max_value=1e6),
-                atp_min_dispatch=declare(self, 'atp.min_dispatch', d.atp_min_dispatch,
-                                         'Below this available ATP nothing is dispatched [ATP]',
-                                         read_only=True, min_value=0.0, max_value=1e6),
-                atp_per_token=declare(self, 'atp.per_token', d.atp_per_token,
-                                      'ATP charged per generated token [ATP/token]', read_only=True,
-                                      min_value=0.0, max_value=1e3),
-                trust_alpha=declare(self, 'trust.alpha', d.trust_alpha,
-                                    'Weight of one outcome in a block\'s trust', read_only=True,
-                                    min_value=0.0, max_value=1.0),
-                initial_trust=declare(self, 'trust.initial', d.initial_trust,
-                                      'Trust of a block or sensor before any outcome',
-                                      read_only=True, min_value=0.0, max_value=1.0),
-            )
-            dw = SalienceWeights()
-            weights = SalienceWeights(**{
-                dim: declare(self, f'salience.weights.{dim}', getattr(dw, dim),
-                             f'Weight of {dim} in the total salience (weights are normalised)',
-                             read_only=True, min_value=0.0, max_value=1.0)
-                for dim in ('surprise', 'novelty', 'arousal', 'reward', 'conflict')})
+            return config_with(KernelConfig(), values)
         except ValueError as exc:
             raise ConfigError(f'kernel parameters: {exc}') from exc
-        return {
-            'config': config, 'weights': weights,
-            'dispatch_timeout_s': declare(self, 'dispatch_timeout_s', 300.0,
-                                          'A goal still running after this is cancelled [s]',
-                                          min_value=1.0, max_value=86400.0),
-            'state_period_s': declare(self, 'state_period_s', 1.0,
-                                      'Period of the `state` heartbeat [s]', read_only=True,
-                                      min_value=0.05, max_value=3600.0),
-        }
+
+    @_locked
+    def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        """Refuse a change that makes the engine inconsistent, with the reason."""
+        changes = {p.name: p.value for p in params if p.name in self._engine_params}
+        if not changes:
+            return SetParametersResult(successful=True)
+        with self._lock:
+            try:
+                config_with(self.core.config, changes)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    @_locked
+    def _apply_parameters(self, params: List[Parameter]) -> None:
+        changes = {p.name: p.value for p in params if p.name in self._engine_params}
+        if not changes:
+            return
+        with self._lock:
+            self.core.reconfigure(config_with(self.core.config, changes))
+        self.get_logger().info('parameters changed: ' + ', '.join(
+            f'{k}={v}' for k, v in sorted(changes.items())))
 
     # ---- inputs ------------------------------------------------------------------------------
+    @_locked
     def _on_block(self, msg: BlockDescription) -> None:
         try:
             block_type = BlockType(msg.block_type)
         except ValueError:
             self.get_logger().warning(f'ignoring block {msg.name!r}: unknown type {msg.block_type!r}')
             return
-        self.core.blocks.update(BlockDescriptor(
-            name=msg.name, block_type=block_type, capabilities=tuple(msg.capabilities),
-            modalities=tuple(msg.modalities), action_name=msg.action_name,
-            action_type=msg.action_type, loaded=msg.loaded,
-            memory_estimate_bytes=msg.memory_estimate_bytes))
+        with self._lock:
+            self.core.blocks.update(BlockDescriptor(
+                name=msg.name, block_type=block_type, capabilities=tuple(msg.capabilities),
+                modalities=tuple(msg.modalities), action_name=msg.action_name,
+                action_type=msg.action_type, loaded=msg.loaded,
+                memory_estimate_bytes=msg.memory_estimate_bytes))
         self.get_logger().info(f'block {msg.name!r} ({msg.block_type}) on {msg.action_name}: '
                                f'{", ".join(msg.capabilities)}; loaded={msg.loaded}')
         self._publish_state()
 
+    @_locked
     def _on_text(self, msg: String) -> None:
-        score, decision = self.core.observe(TEXT_SENSOR_ID, msg.data, time.time())
-        if score is not None:
-            self._publish_salience(decision.turn_id, TEXT_SENSOR_ID, score)
-        if isinstance(decision, Rejection):
-            self.get_logger().warning(f'turn {decision.turn_id} rejected: {decision.reason}')
-            self._response_pub.publish(self._response_for(decision, Response.STATUS_REJECTED,
-                                                      decision.reason))
-        else:
-            self._send(decision)
-        self._publish_state()
+        with self._lock:
+            obs = self.core.observe(TEXT_SENSOR_ID, msg.data, time.time())
+        if obs.score is not None:
+            self._publish_salience(obs.turn_id, obs.sensor_id, obs.score)
+        if obs.rejection is not None:
+            r = obs.rejection
+            self.get_logger().warning(f'turn {r.turn_id} rejected: {r.reason}')
+            self._response_pub.publish(self._rejected(r))
+        self._run_cycle(publish=True)
+
+    @_locked
+    def _on_cycle_timer(self) -> None:
+        self._run_cycle()
+
+    # ---- the cycle ---------------------------------------------------------------------------
+    def _run_cycle(self, publish: bool = False) -> None:
+        """One engine cycle; `state` goes out if anything changed (or `publish`)."""
+        out = self.core.cycle(time.time())
+        self._act_on(out)
+        if publish or out.changed:
+            self._publish_state()
+
+    def _act_on(self, out: CycleResult) -> None:
+        log = self.get_logger()
+        if out.transition is not None:
+            tr = out.transition
+            line = f'{tr.source.value} -> {tr.target.value}: {tr.reason}'
+            # rclpy refuses two severities from one call site: one call per severity.
+            if tr.target is MetabolicState.CRISIS:
+                log.warning(line)
+            else:
+                log.info(line)
+        for t in out.timeouts:
+            self._cancel(t.turn_id)
+            self._finish_failed(t.turn_id, t.reason, t.charged)
+        for p in out.preemptions:
+            self._cancel(p.turn_id)
+            self._finish_failed(p.turn_id, p.reason, p.charged)
+        for r in out.expired:
+            log.warning(f'turn {r.turn_id} dropped: {r.reason}')
+            self._response_pub.publish(self._rejected(r))
+        for turn, reason in out.deferred:
+            log.info(f'turn {turn} waits: {reason}')
+        for d in out.dispatches:
+            self._send(d)
+
+    def _cancel(self, turn: int) -> None:
+        handle = self._goals.pop(turn, None)
+        if handle is not None:
+            handle.cancel_goal_async()
+        elif turn in self._dispatches:
+            self._cancel_on_accept.add(turn)   # the goal response has not arrived yet
 
     # ---- dispatch ----------------------------------------------------------------------------
     def _send(self, d: Dispatch) -> None:
+        self._dispatches[d.turn_id] = d
         client = self._block_clients.get(d.block.action_name)
-        if client is None or d.block.action_type != 'sage_interfaces/action/Language':
-            self._fail(d, f'block {d.block.name!r} serves {d.block.action_type} on '
-                          f'{d.block.action_name}, which the kernel cannot drive')
+        if client is None or d.block.action_type not in (ACTION_LANGUAGE, ACTION_REASONING):
+            self._not_started(d, f'block {d.block.name!r} serves {d.block.action_type} on '
+                                 f'{d.block.action_name}, which the kernel cannot drive')
             return
         if not client.server_is_ready():
-            self._fail(d, f'block {d.block.name!r} is not reachable on {d.block.action_name}')
+            self._not_started(d, f'block {d.block.name!r} is not reachable on '
+                                 f'{d.block.action_name}')
             return
-        goal = Language.Goal(turn_id=d.turn_id, text=d.text, complexity='',
-                             atp_budget=float(d.atp_grant))
-        self.get_logger().info(f'turn {d.turn_id} -> {d.block.name} ({d.atp_grant:.1f} ATP): '
-                               f'{d.text[:60]!r}')
+        goal: Any
+        if d.kind == KIND_REASONING:
+            goal = Reasoning.Goal(turn_id=d.turn_id, problem=d.text,
+                                  atp_budget=float(d.atp_grant), max_steps=d.max_steps)
+        else:
+            goal = Language.Goal(turn_id=d.turn_id, text=d.text, complexity=d.complexity.value,
+                                 atp_budget=float(d.atp_grant), max_new_tokens=d.max_new_tokens)
+        self.get_logger().info(f'turn {d.turn_id} -> {d.block.name} ({d.atp_grant:.1f} ATP, '
+                               f'salience {d.salience:.2f}, {d.reason}): {d.text[:60]!r}')
         future = client.send_goal_async(
-            goal, feedback_callback=lambda fb: self._on_feedback(d.turn_id, fb))
+            goal, feedback_callback=lambda fb: self._on_feedback(d, fb))
         future.add_done_callback(lambda f: self._on_goal_response(d, f))
 
+    @_locked
     def _on_goal_response(self, d: Dispatch, future: Future) -> None:
         handle = future.result()
+        if d.turn_id not in self._dispatches:
+            if handle is not None and handle.accepted:
+                handle.cancel_goal_async()   # preempted or timed out while being sent
+            return
         if handle is None or not handle.accepted:
-            self._fail(d, f'block {d.block.name!r} refused the goal')
+            self._not_started(d, f'block {d.block.name!r} refused the goal')
+            return
+        if d.turn_id in self._cancel_on_accept:
+            self._cancel_on_accept.discard(d.turn_id)
+            handle.cancel_goal_async()
             return
         self._goals[d.turn_id] = handle
         handle.get_result_async().add_done_callback(lambda f: self._on_result(d, f))
 
-    def _on_feedback(self, turn_id: int, feedback: Language.Impl.FeedbackMessage) -> None:
+    @_locked
+    def _on_feedback(self, d: Dispatch, feedback: Any) -> None:
         fb = feedback.feedback
-        if turn_id in self.core.active and fb.text:
-            self._stream_pub.publish(ResponseChunk(turn_id=turn_id, text=fb.text, model=fb.model))
+        if d.turn_id not in self._dispatches:
+            return
+        if d.kind == KIND_REASONING:   # progress, not text: it does not go to response/stream
+            self.get_logger().debug(f'turn {d.turn_id}: reasoning step {fb.step}, energy '
+                                    f'{fb.energy:.2f}: {fb.summary}')
+        elif fb.text:
+            self._stream_pub.publish(ResponseChunk(turn_id=d.turn_id, text=fb.text,
+                                                   model=fb.model))
 
+    @_locked
     def _on_result(self, d: Dispatch, future: Future) -> None:
         self._goals.pop(d.turn_id, None)
-        if d.turn_id not in self.core.active:
-            return  # already settled (timed out)
+        if self._dispatches.pop(d.turn_id, None) is None:
+            return   # already answered (preempted or timed out)
         wrapped = future.result()
-        result: Language.Result = wrapped.result
+        result = wrapped.result
         ok = wrapped.status == GoalStatus.STATUS_SUCCEEDED and result.error_code == result.NONE
-        self.core.complete(d.turn_id, ok, result.completion_tokens, time.time())
+        if d.kind == KIND_REASONING:
+            work = WorkResult(ok, atp_reported=float(result.atp_spent),
+                              converged=bool(result.converged))
+        else:
+            work = WorkResult(ok, completion_tokens=int(result.completion_tokens))
+        with self._lock:
+            settled = self.core.complete(d.turn_id, work, time.time())
+        charged = settled.charged if settled is not None else 0.0
         if ok:
-            msg = self._response_for(d, Response.STATUS_OK, '')
-            msg.text = result.text
-            msg.model, msg.role, msg.complexity = result.model, result.role, result.complexity
-            msg.swapped = result.swapped
-            msg.prompt_tokens, msg.completion_tokens = result.prompt_tokens, result.completion_tokens
-            self.get_logger().info(
-                f'turn {d.turn_id} answered by {result.model} ({result.role}, {result.complexity}'
-                f'{", swapped" if result.swapped else ""}) in {msg.latency_s:.2f} s')
+            msg = self._response(d, Response.STATUS_OK, '', charged)
+            if d.kind == KIND_REASONING:
+                msg.text = result.answer
+                msg.model, msg.role, msg.swapped = result.model, result.role, result.swapped
+                msg.complexity = d.complexity.value
+                msg.completion_tokens = result.completion_tokens
+                self.get_logger().info(
+                    f'turn {d.turn_id} answered by reasoning in {result.steps} steps '
+                    f'(energy {result.final_energy:.2f}, converged={result.converged}, '
+                    f'{charged:.1f} ATP) in {msg.latency_s:.2f} s')
+            else:
+                msg.text = result.text
+                msg.model, msg.role = result.model, result.role
+                msg.complexity = result.complexity or d.complexity.value
+                msg.swapped = result.swapped
+                msg.prompt_tokens, msg.completion_tokens = (result.prompt_tokens,
+                                                            result.completion_tokens)
+                msg.requested_role, msg.fallback = result.requested_role, result.fallback
+                self.get_logger().info(
+                    f'turn {d.turn_id} answered by {result.model} ({result.role}, '
+                    f'{msg.complexity}{", swapped" if result.swapped else ""}, '
+                    f'{charged:.1f} ATP) in {msg.latency_s:.2f} s')
         else:
             reason = result.error_msg or f'goal ended with status {wrapped.status}'
-            msg = self._response_for(d, Response.STATUS_FAILED, reason)
+            msg = self._response(d, Response.STATUS_FAILED, reason, charged)
             self.get_logger().error(f'turn {d.turn_id} failed in {d.block.name}: {reason}')
         self._response_pub.publish(msg)
+        self._run_cycle(publish=True)    # a slot and ATP came free
+
+    def _not_started(self, d: Dispatch, reason: str) -> None:
+        with self._lock:
+            self.core.complete(d.turn_id, WorkResult(False, started=False), time.time())
+        self._finish_failed(d.turn_id, reason, 0.0)
         self._publish_state()
 
-    def _fail(self, d: Dispatch, reason: str) -> None:
-        self.core.complete(d.turn_id, False, 0, time.time())
-        self.get_logger().error(f'turn {d.turn_id} failed: {reason}')
-        self._response_pub.publish(self._response_for(d, Response.STATUS_FAILED, reason))
-        self._publish_state()
-
-    def _on_timer(self) -> None:
-        now = time.time()
-        for turn, d in list(self.core.active.items()):
-            if now - d.received_at > self.dispatch_timeout_s:
-                handle = self._goals.pop(turn, None)
-                if handle is not None:
-                    handle.cancel_goal_async()
-                self._fail(d, f'no result from {d.block.name!r} within {self.dispatch_timeout_s:.0f} s')
-        self._publish_state()
+    def _finish_failed(self, turn: int, reason: str, charged: float) -> None:
+        d = self._dispatches.pop(turn, None)
+        self._goals.pop(turn, None)
+        if d is None:
+            return
+        self.get_logger().error(f'turn {turn} failed: {reason}')
+        self._response_pub.publish(self._response(d, Response.STATUS_FAILED, reason, charged))
 
     # ---- outputs -----------------------------------------------------------------------------
-    def _response_for(self, d: Dispatch | Rejection, status: int, error: str) -> Response:
-        msg = Response(stamp=stamp(), turn_id=d.turn_id, source=d.sensor_id, input_text=d.text,
-                       status=status, error=error)
-        if isinstance(d, Dispatch):
-            msg.block = d.block.name
-            msg.latency_s = float(time.time() - d.received_at)
-        return msg
+    def _response(self, d: Dispatch, status: int, error: str, charged: float) -> Response:
+        return Response(
+            stamp=stamp(), turn_id=d.turn_id, source=d.sensor_id, input_text=d.text,
+            status=status, error=error, block=d.block.name, complexity=d.complexity.value,
+            latency_s=float(time.time() - d.received_at), salience=float(d.salience),
+            atp_spent=float(charged), metabolic_state=d.metabolic_state)
+
+    def _rejected(self, r: Rejection) -> Response:
+        return Response(stamp=stamp(), turn_id=r.turn_id, source=r.sensor_id, input_text=r.text,
+                        status=Response.STATUS_REJECTED, error=r.reason,
+                        salience=float(r.salience), metabolic_state=r.metabolic_state)
 
     def _publish_salience(self, turn_id: int, sensor_id: str, s: SalienceScore) -> None:
         self._salience_pub.publish(Salience(
             stamp=stamp(), turn_id=turn_id, sensor_id=sensor_id, surprise=s.surprise,
             novelty=s.novelty, arousal=s.arousal, reward=s.reward, conflict=s.conflict,
-            total=s.total))
+            total=s.total, confidence=s.confidence, stance=s.stance,
+            weights=[float(w) for w in s.weights]))
 
+    @_locked
     def _publish_state(self) -> None:
-        snap = self.core.snapshot(time.time())
-        blocks: List[str] = sorted(b.name for b in self.core.blocks if b.loaded)
+        with self._lock:
+            snap = self.core.snapshot(time.time())
+            blocks = sorted(b.name for b in self.core.blocks if b.loaded)
         self._state_pub.publish(KernelState(
-            stamp=stamp(), metabolic_state=snap.metabolic_state, atp_level=float(snap.atp_level),
-            atp_capacity=float(snap.atp_capacity),
-            trust=[TrustLevel(name=k, trust=float(v)) for k, v in sorted(snap.trust.items())],
+            stamp=stamp(), metabolic_state=snap.metabolic_state,
+            previous_state=snap.previous_state, transition_reason=snap.transition_reason,
+            atp_level=float(snap.atp_level), atp_capacity=float(snap.atp_capacity),
+            atp_reserved=float(snap.atp_reserved), max_targets=snap.max_targets,
+            consolidation_allowed=snap.consolidation_allowed,
+            deferred_total=snap.deferred_total, last_salience=float(snap.last_salience),
+            trust=[TrustLevel(name=t.name, trust=float(t.trust), kind=t.kind,
+                              outcomes=t.outcomes) for t in snap.trust],
             blocks=blocks, active_dispatches=snap.active_dispatches,
             observations_total=snap.observations_total, dispatches_total=snap.dispatches_total,
             rejected_total=snap.rejected_total, last_decision=snap.last_decision))

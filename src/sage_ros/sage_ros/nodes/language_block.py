@@ -19,7 +19,9 @@ from .. import names
 from ..core.conversation import DEFAULT_SYSTEM_PROMPT, ChatTurn, Conversation
 from ..core.language import LanguageBlock
 from ..core.models import Cancelled, GenerationResult, ModelError, StopFn, TextFn
-from ..core.routing import Complexity, RoleMap
+from ..core.embeddings import EmbeddingError
+from ..core.routing import (Complexity, DatasetError, RoleMap, complexity_classifier,
+                            estimate_complexity)
 from .common import LATCHED, ConfigError, declare, run_node, stamp
 
 
@@ -35,11 +37,13 @@ class ModelManagerClient:
 
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
-                 should_stop: Optional[StopFn] = None) -> GenerationResult:
+                 should_stop: Optional[StopFn] = None,
+                 complexity: Optional[str] = None) -> GenerationResult:
         if not self._client.wait_for_server(timeout_sec=self._server_wait_s):
             raise ModelError(f'model manager not reachable on '
                              f'{self._node.resolve_topic_name(names.MODEL_GENERATE)}')
         goal = Generate.Goal(role=role, max_new_tokens=max_new_tokens, temperature=temperature,
+                             complexity=complexity or '',
                              messages=[ChatMessage(role=m.role, content=m.content) for m in messages])
         done = threading.Event()
         sent = self._client.send_goal_async(
@@ -71,7 +75,8 @@ class ModelManagerClient:
                                 swapped=res.swapped, prompt_tokens=res.prompt_tokens,
                                 completion_tokens=res.completion_tokens,
                                 time_to_first_token_s=res.time_to_first_token_s,
-                                duration_s=res.duration_s)
+                                duration_s=res.duration_s, requested_role=res.requested_role,
+                                fallback=res.fallback)
 
 
 class LanguageBlockNode(Node):
@@ -87,8 +92,9 @@ class LanguageBlockNode(Node):
             conversation = Conversation(
                 system_prompt=declare(self, 'system_prompt', DEFAULT_SYSTEM_PROMPT,
                                       'System prompt that opens every conversation'),
-                max_exchanges=declare(self, 'max_exchanges', 8,
-                                      'User/assistant exchanges kept in the conversation',
+                max_exchanges=declare(self, 'max_exchanges', 64,
+                                      'User/assistant exchanges kept in memory; what a model sees '
+                                      'is fitted to its context window, older turns summarised',
                                       min_value=1, max_value=1000))
         except ValueError as exc:
             raise ConfigError(f'language block parameters: {exc}') from exc
@@ -105,7 +111,23 @@ class LanguageBlockNode(Node):
             timeout_s=declare(self, 'generate_timeout_s', 300.0,
                               'Longest a generation may take [s]', min_value=1.0,
                               max_value=86400.0))
-        self.block = LanguageBlock(generator, conversation, roles, max_new_tokens, temperature)
+        router = declare(self, 'router', 'learned',
+                         'Complexity classifier for turns that arrive without one: "learned" '
+                         '(MiniLM exemplars + features) or "keyword" (the first heuristic)',
+                         read_only=True)
+        t0 = time.monotonic()
+        try:
+            classify = complexity_classifier(router)
+        except ValueError as exc:
+            raise ConfigError(f'language block parameter router: {exc}') from exc
+        except (EmbeddingError, DatasetError) as exc:
+            self.get_logger().warning(f'learned complexity router unavailable ({exc}); '
+                                      'using the keyword heuristic')
+            classify = estimate_complexity
+        self.get_logger().info(f'complexity router {router!r} ready in '
+                               f'{time.monotonic() - t0:.1f} s')
+        self.block = LanguageBlock(generator, conversation, roles, max_new_tokens, temperature,
+                                   classify)
         self._turn_lock = threading.Lock()  # one conversation: turns are answered in order
 
         group = ReentrantCallbackGroup()
@@ -151,7 +173,8 @@ class LanguageBlockNode(Node):
             try:
                 answer = self.block.respond(goal.text, complexity, goal.max_new_tokens,
                                             on_text=on_text,
-                                            should_stop=lambda: gh.is_cancel_requested)
+                                            should_stop=lambda: gh.is_cancel_requested,
+                                            ephemeral=goal.ephemeral, context=goal.context)
             except Cancelled:
                 gh.canceled()
                 result.error_code, result.error_msg = result.CANCELLED, 'cancelled'
@@ -165,6 +188,10 @@ class LanguageBlockNode(Node):
         result.text, result.model, result.role = g.text, g.model_id, g.role
         result.complexity, result.swapped = answer.complexity.value, g.swapped
         result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
+        result.requested_role, result.fallback = g.requested_role, g.fallback
+        if g.fallback:
+            self.get_logger().warning(f'turn {goal.turn_id}: {g.role} answered instead of '
+                                      f'{g.requested_role}: {g.fallback}')
         gh.succeed()
         return result
 

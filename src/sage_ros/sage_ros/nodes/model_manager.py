@@ -1,61 +1,89 @@
 """Model manager lifecycle node: loads models by role and serves `generate` and `swap`.
 
-configure loads the default role, activate opens the actions to goals, deactivate closes them,
-cleanup unloads everything. With `autostart` the node configures and activates itself.
+configure checks the configuration and STARTS loading the default role in the node's loader
+thread, then returns at once (SUCCESS unless the configuration is unusable), so lifecycle and
+parameter services answer during a long load; `models/status.loading_role` shows the load and
+a goal that arrives meanwhile waits for it. activate opens the actions to goals, deactivate
+closes them, cleanup cancels a running load and unloads everything (in the loader thread; the
+status lists the models until they are gone), shutdown does the same and waits for it.
+With `autostart` the node configures and activates itself.
+
+Model entries (`models.<role>.*`), the memory budget and the swap policy may be changed at run
+time (`ros2 param set`): values are validated, and a resident model whose path, dtype or device
+changed is unloaded, then loaded again at once if it serves the default role, else at its next
+use.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Dict, List, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional
 
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from sage_interfaces.action import Generate, SwapModel
 from sage_interfaces.msg import LoadedModel, ModelStatus, SwapRecord
 
 from .. import names
 from ..core.conversation import ChatTurn
-from ..core.models import Cancelled, LoadError, ModelError, ModelPool, ModelSpec, UnknownRole
-from .common import LATCHED, declare, run_node, stamp
+from ..core.models import (DTYPE_BYTES, Cancelled, LoadError, LoadProgress,
+                           ModelError, ModelPool, ModelSpec, ProgressFn, SwapEvent, UnknownRole,
+                           available_memory, inspect_weights, locate_model_dir)
+from ..core.store import StateStore, resolve_state_file
+from ..core.swap_policy import GIB, PolicyConfig, SwapPolicy
+from .common import LATCHED, ConfigError, declare, run_node, stamp
+
+ENTRY_FIELDS = ('model_id', 'path', 'dtype', 'device', 'max_new_tokens', 'context_window',
+                'keep_resident', 'priority', 'fallback')
+NO_FALLBACK = 'none'
+
+
+def default_fallback(roles: List[str], role: str) -> List[str]:
+    """The roles below `role` (nearest first), then the ones above: a smaller model is the
+    likelier to fit when a bigger one cannot be used."""
+    i = roles.index(role)
+    return list(reversed(roles[:i])) + roles[i + 1:] or [NO_FALLBACK]
+
+
+def record_msg(e: SwapEvent) -> SwapRecord:
+    return SwapRecord(stamp=stamp(e.finished_at), from_role=e.from_role, to_role=e.to_role,
+                      reason=e.reason, duration_s=float(e.duration_s), succeeded=e.succeeded,
+                      error=e.error, evicted=list(e.evicted), memory_bytes=int(e.memory_bytes),
+                      bytes_read=int(e.bytes_read))
 
 
 class ModelManagerNode(LifecycleNode):
-    """Thin lifecycle adapter over `core.models.ModelPool`."""
+    """Lifecycle adapter over `core.models.ModelPool`; model loads run in a loader thread."""
 
     def __init__(self, node_name: str = names.MODEL_MANAGER, **kwargs: object) -> None:
         super().__init__(node_name, **kwargs)  # type: ignore[arg-type]
         self.pool: Optional[ModelPool] = None
+        self._retiring: List[ModelPool] = []   # pools being unloaded after cleanup
         self._active = False
         self._state_label = 'unconfigured'
-        self._error = ''
-        self._roles: List[str] = declare(self, 'roles', ['small', 'large'],
-                                         'Model roles this manager serves', read_only=True)
-        for role in self._roles:
-            declare(self, f'models.{role}.model_id', role, f'Name of the {role} model',
-                    read_only=True)
-            declare(self, f'models.{role}.path', '',
-                    f'Directory (or `offline:NAME`, or a hub id in the local cache) of the {role} '
-                    'model', read_only=True)
-            declare(self, f'models.{role}.dtype', 'bfloat16', 'torch dtype to load with',
-                    read_only=True)
-            declare(self, f'models.{role}.device', 'cpu', 'torch device (cpu, cuda, cuda:1...)',
-                    read_only=True)
-            declare(self, f'models.{role}.max_new_tokens', 128,
-                    'Default cap on answer length [tokens]', read_only=True, min_value=1,
-                    max_value=100_000)
-            declare(self, f'models.{role}.context_window', 2048,
-                    'Context window [tokens]', read_only=True, min_value=16, max_value=10_000_000)
-        self._default_role: str = declare(self, 'default_role', 'small',
-                                          'Role loaded on configure', read_only=True)
-        self._max_resident: int = declare(self, 'max_resident', 1,
-                                          'Models kept resident at once', read_only=True,
-                                          min_value=1, max_value=16)
-        autostart = declare(self, 'autostart', True,
-                            'Configure and activate on start-up, without a lifecycle manager',
-                            read_only=True)
+        self._error = ''                       # configuration error ('' if none)
+        self._cancel = threading.Event()       # set to cancel the loader thread's current job
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='model-loader')
+        # Called at every step of every load (the loader thread's or a goal's); tests use it to
+        # hold a load open.
+        self.load_listeners: List[ProgressFn] = []
+        self._declare_parameters()
+        if self._default_role not in self._roles:
+            raise ConfigError(f'default_role {self._default_role!r} is not one of the roles '
+                              f'{self._roles}')
+        state_file = resolve_state_file(self._p('state_file'), 'model_manager.db')
+        try:
+            self._store = StateStore(state_file) if state_file is not None else None
+        except Exception as exc:  # sqlite3 or OS error: the path is unusable
+            raise ConfigError(f'state_file: cannot open {state_file}: {exc}') from None
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
 
         self._status_pub = self.create_publisher(ModelStatus, names.MODELS_STATUS, LATCHED)
         group = ReentrantCallbackGroup()
@@ -68,9 +96,174 @@ class ModelManagerNode(LifecycleNode):
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
             callback_group=group)
         self._publish_status()
-        if autostart:
+        if self._p('autostart'):
             self._autostart_timer = self.create_timer(
                 0.1, self._autostart, callback_group=MutuallyExclusiveCallbackGroup())
+
+    # ---- parameters --------------------------------------------------------------------------
+    def _declare_parameters(self) -> None:
+        self._roles: List[str] = declare(
+            self, 'roles', ['small', 'large'],
+            'Model roles, least capable first (the order gives the default priority and '
+            'fallback)', read_only=True)
+        for i, role in enumerate(self._roles):
+            m = f'models.{role}.'
+            declare(self, m + 'model_id', role, f'Name of the {role} model')
+            declare(self, m + 'path', '', f'Directory (or `offline:NAME`, or a hub id in the '
+                    f'local cache) of the {role} model')
+            declare(self, m + 'dtype', 'bfloat16',
+                    f'torch dtype to load with ({", ".join(DTYPE_BYTES)})')
+            declare(self, m + 'device', 'cpu', 'torch device (cpu, cuda, cuda:N, mps)')
+            declare(self, m + 'max_new_tokens', 128, 'Default cap on answer length [tokens]',
+                    min_value=1, max_value=100_000)
+            declare(self, m + 'context_window', 2048, 'Context window [tokens]',
+                    min_value=16, max_value=10_000_000)
+            declare(self, m + 'keep_resident', False,
+                    'May stay resident next to other keep_resident models (memory allowing)')
+            declare(self, m + 'priority', i,
+                    'Capability rank, higher = more capable; a resident model of higher '
+                    'priority may answer for this role instead of a swap', min_value=0,
+                    max_value=1000)
+            declare(self, m + 'fallback', default_fallback(self._roles, role),
+                    f'Roles tried in order when the {role} model cannot be used '
+                    f'([{NO_FALLBACK}] = none)')
+        self._default_role: str = declare(self, 'default_role', 'small',
+                                          'Role loaded on configure', read_only=True)
+        declare(self, 'autostart', True,
+                'Configure and activate on start-up, without a lifecycle manager', read_only=True)
+        declare(self, 'max_resident', 1, 'Models kept resident at once', min_value=1,
+                max_value=16)
+        declare(self, 'memory_budget_gib', 0.0,
+                'Memory for resident models [GiB]; 0 = no budget', min_value=0.0,
+                max_value=1_000_000.0)
+        declare(self, 'memory_reserve_gib', 0.5,
+                'Memory kept free out of what the system or CUDA device reports [GiB]',
+                min_value=0.0, max_value=1_000_000.0)
+        declare(self, 'preread_weights', True,
+                'Read weight files through the page cache in chunks before loading (progress in '
+                'bytes, cancellable)')
+        declare(self, 'preread_chunk_mib', 16, 'Read chunk [MiB]', min_value=1, max_value=4096)
+        declare(self, 'retry_failed_s', 60.0,
+                'A role whose load failed is not tried again for generate requests within this '
+                'time [s] (its fallback answers); swap goals always retry', min_value=0.0,
+                max_value=86_400.0)
+        declare(self, 'malloc_mmap_threshold_kib', 128,
+                'Pin glibc\'s mmap threshold so that unloaded weights go back to the system '
+                '[KiB]; 0 = leave glibc\'s dynamic threshold', read_only=True, min_value=0,
+                max_value=1 << 20)
+        declare(self, 'history_size', 20, 'Swaps listed in models/status', read_only=True,
+                min_value=1, max_value=1000)
+        declare(self, 'state_file', '',
+                "Swap history database; '' = <state dir>/model_manager.db, 'none' = not kept",
+                read_only=True)
+        declare(self, 'context.summary_tokens', 96,
+                'When a conversation exceeds a model\'s context window, older turns are '
+                'summarised by the least capable resident model in up to this many tokens '
+                '(names and numbers are always kept verbatim) [tokens]; 0 = extractive summary',
+                min_value=0, max_value=4096)
+        declare(self, 'policy.substitute', True,
+                'A more capable resident model may answer instead of swapping down')
+        declare(self, 'policy.hysteresis_requests', 3.0,
+                'Requests in a row for a less capable role before the bigger model is swapped '
+                'out (simple counts 1, moderate 0.5)', min_value=0.0, max_value=1000.0)
+        declare(self, 'policy.min_dwell_s', 30.0,
+                'A model is not swapped down sooner than this after its load [s]',
+                min_value=0.0, max_value=86_400.0)
+        declare(self, 'policy.swap_cost_weight', 1.0,
+                'Weight of a second of swapping against a second of generation saved',
+                min_value=0.0, max_value=1000.0)
+
+    def _p(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    def _spec(self, role: str, override: Optional[Dict[str, Any]] = None) -> ModelSpec:
+        values = {k: self._p(f'models.{role}.{k}') for k in ENTRY_FIELDS}
+        values.update(override or {})
+        if not values['path']:
+            raise ValueError(f'parameter models.{role}.path is empty')
+        fallback = tuple(r for r in values.pop('fallback') if r != NO_FALLBACK)
+        unknown = [r for r in fallback if r not in self._roles or r == role]
+        if unknown:
+            raise ValueError(f'models.{role}.fallback: {unknown} are not other configured roles '
+                             f'({", ".join(self._roles)})')
+        return ModelSpec(role=role, fallback=fallback, **values)
+
+    def _specs(self) -> Dict[str, ModelSpec]:
+        return {role: self._spec(role) for role in self._roles}
+
+    def _policy_config(self) -> PolicyConfig:
+        return PolicyConfig(substitute=self._p('policy.substitute'),
+                            hysteresis_requests=self._p('policy.hysteresis_requests'),
+                            min_dwell_s=self._p('policy.min_dwell_s'),
+                            swap_cost_weight=self._p('policy.swap_cost_weight'))
+
+    def _apply_settings(self, pool: ModelPool) -> None:
+        pool.max_resident = self._p('max_resident')
+        pool.memory_budget_bytes = int(self._p('memory_budget_gib') * GIB)
+        pool.memory_reserve_bytes = int(self._p('memory_reserve_gib') * GIB)
+        pool.preread_weights = self._p('preread_weights')
+        pool.summary_tokens = self._p('context.summary_tokens')
+        pool.preread_chunk_bytes = self._p('preread_chunk_mib') << 20
+        pool.retry_failed_s = self._p('retry_failed_s')
+        pool.policy.config = self._policy_config()
+
+    def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        """Reject a run-time change that cannot work, with the reason (`ros2 param set`)."""
+        for p in params:
+            parts = p.name.split('.')
+            if len(parts) != 3 or parts[0] != 'models' or parts[1] not in self._roles:
+                continue
+            role, field_name = parts[1], parts[2]
+            try:
+                spec = self._spec(role, {field_name: p.value})
+                if field_name == 'path':
+                    locate_model_dir(spec)
+            except (ValueError, ModelError) as exc:
+                return SetParametersResult(successful=False, reason=f'{p.name}: {exc}')
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, params: List[Parameter]) -> None:
+        pool = self.pool
+        if pool is None:
+            return  # applies at the next configure
+        self._apply_settings(pool)
+        roles = sorted({p.name.split('.')[1] for p in params if p.name.startswith('models.')})
+        if roles:
+            stale = pool.update_specs({r: self._spec(r) for r in roles})
+            if stale:
+                self.get_logger().info(f'model entry of {", ".join(stale)} changed: reloading')
+                cancel = self._cancel
+                self._submit(lambda: pool.reload(stale, should_stop=cancel.is_set))
+        self._publish_status()
+
+    # ---- loader thread ---------------------------------------------------------------------
+    def _submit(self, job: Callable[[], None]) -> 'Future[None]':
+        def run() -> None:
+            try:
+                job()
+            except Cancelled as exc:
+                self.get_logger().info(str(exc))
+            except ModelError as exc:
+                self.get_logger().error(str(exc))
+            except Exception as exc:  # a bug must not kill the loader thread silently
+                self.get_logger().error(f'loader thread: {type(exc).__name__}: {exc}')
+            self._publish_status()
+        return self._loader.submit(run)
+
+    def _on_load_progress(self, p: LoadProgress) -> None:
+        for fn in list(self.load_listeners):
+            fn(p)
+
+    def _load_default(self, pool: ModelPool, cancel: threading.Event) -> None:
+        spec = pool.spec(self._default_role)
+        self.get_logger().info(f'loading default role {spec.role!r}: {spec.model_id} from '
+                               f'{spec.path} ({spec.dtype} on {spec.device})')
+        entry, fallback = pool.load_or_fall_back(spec.role, reason='configure',
+                                                 should_stop=cancel.is_set)
+        if fallback:
+            self.get_logger().warning(fallback)
+        self.get_logger().info(f'{entry.spec.model_id} loaded in {entry.load_duration_s:.1f} s '
+                               f'({entry.memory_bytes / 1e6:.0f} MB)')
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def _autostart(self) -> None:
@@ -78,37 +271,41 @@ class ModelManagerNode(LifecycleNode):
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
-    def _specs(self) -> Dict[str, ModelSpec]:
-        specs = {}
-        for role in self._roles:
-            p = {k: self.get_parameter(f'models.{role}.{k}').value
-                 for k in ('model_id', 'path', 'dtype', 'device', 'max_new_tokens', 'context_window')}
-            if not p['path']:
-                raise ValueError(f'parameter models.{role}.path is empty')
-            specs[role] = ModelSpec(role=role, **p)
-        return specs
-
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self.pool = ModelPool(self._specs(), self._default_role, self._max_resident)
-            self.pool.listeners.append(self._publish_status)
-            spec = self.pool.spec(self._default_role)
-            self.get_logger().info(f'loading default role {spec.role!r}: {spec.model_id} from '
-                                   f'{spec.path} ({spec.dtype} on {spec.device})')
-            entry = self.pool.load(self._default_role, reason='configure',
-                                   progress=self._log_progress)
+            pool = ModelPool(self._specs(), self._default_role, self._p('max_resident'),
+                             policy=SwapPolicy(self._policy_config()), store=self._store,
+                             history_limit=self._p('history_size'),
+                             malloc_mmap_threshold=self._p('malloc_mmap_threshold_kib') << 10)
+            self._apply_settings(pool)
+            self._check_loadable(pool)
         except (ModelError, ValueError) as exc:
             self._error = str(exc)
             self.get_logger().error(f'configure failed: {exc}')
-            self.pool = None
             self._publish_status()
             return TransitionCallbackReturn.FAILURE
         self._error = ''
+        pool.listeners.append(self._publish_status)
+        pool.progress_listeners.append(self._on_load_progress)
+        self.pool = pool
+        self._cancel = cancel = threading.Event()
         self._state_label = 'inactive'
-        self.get_logger().info(f'{entry.spec.model_id} loaded in {entry.load_duration_s:.1f} s '
-                               f'({entry.memory_bytes / 1e6:.0f} MB)')
+        self._submit(lambda: self._load_default(pool, cancel))
         self._publish_status()
         return TransitionCallbackReturn.SUCCESS
+
+    def _check_loadable(self, pool: ModelPool) -> None:
+        """Fail configure at once when neither the default role nor any of its fallbacks has
+        model files; everything else (corrupt, too big) is found by the load and falls back."""
+        errors = []
+        spec = pool.spec(self._default_role)
+        for role in (spec.role, *spec.fallback):
+            try:
+                inspect_weights(pool.spec(role))
+                return
+            except LoadError as exc:
+                errors.append(str(exc))
+        raise LoadError('; '.join(errors))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = True
@@ -132,19 +329,29 @@ class ModelManagerNode(LifecycleNode):
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = False
-        self._release()
+        done = self._release()
         self._state_label = 'finalized'
+        if done is not None:
+            done.result()  # bounded: the cancelled load stops at its next step
         self._publish_status()
         return TransitionCallbackReturn.SUCCESS
 
-    def _release(self) -> None:
-        if self.pool is not None:
-            self.pool.unload_all()
-            self.pool = None
-            self.get_logger().info('all models unloaded')
+    def _release(self) -> Optional['Future[None]']:
+        """Cancel the running load and unload everything in the loader thread."""
+        pool = self.pool
+        if pool is None:
+            return None
+        self._cancel.set()
+        self.pool = None
+        self._retiring.append(pool)
 
-    def _log_progress(self, stage: str, fraction: float) -> None:
-        self.get_logger().info(f'  {stage} ({fraction:.0%})')
+        def unload() -> None:
+            try:
+                pool.unload_all()
+                self.get_logger().info('all models unloaded')
+            finally:
+                self._retiring.remove(pool)
+        return self._submit(unload)
 
     # ---- actions -----------------------------------------------------------------------------
     def _on_goal(self, goal: object) -> GoalResponse:
@@ -159,7 +366,8 @@ class ModelManagerNode(LifecycleNode):
         pool = self.pool
         if pool is None:
             gh.abort()
-            result.error_code, result.error_msg = result.INACTIVE, 'model manager is not configured'
+            result.error_code = result.INACTIVE
+            result.error_msg = 'model manager is not configured'
             return result
         produced = [0]
 
@@ -170,25 +378,38 @@ class ModelManagerNode(LifecycleNode):
         try:
             g = pool.generate(goal.role, [ChatTurn(m.role, m.content) for m in goal.messages],
                               max_new_tokens=goal.max_new_tokens, temperature=goal.temperature,
-                              on_text=on_text, should_stop=lambda: gh.is_cancel_requested)
+                              on_text=on_text, should_stop=lambda: gh.is_cancel_requested,
+                              complexity=goal.complexity or None)
         except Exception as exc:  # every failure becomes a result code, never a dead node
-            code = {UnknownRole: result.UNKNOWN_ROLE, LoadError: result.LOAD_FAILED,
-                    Cancelled: result.CANCELLED, ValueError: result.INVALID_INPUT
-                    }.get(type(exc), result.FAILED)
-            result.error_code, result.error_msg = code, str(exc)
-            if code == result.CANCELLED:
+            result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
+            if result.error_code == result.CANCELLED:
                 gh.canceled()
             else:
                 self.get_logger().error(f'generate failed: {exc}')
                 gh.abort()
             return result
-        result.text, result.model, result.role, result.swapped = g.text, g.model_id, g.role, g.swapped
+        result.text, result.model, result.role = g.text, g.model_id, g.role
+        result.swapped = g.swapped
         result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
         result.time_to_first_token_s, result.duration_s = g.time_to_first_token_s, g.duration_s
+        result.requested_role, result.fallback = g.requested_role, g.fallback
+        if g.decision == 'fallback':
+            self.get_logger().warning(g.fallback)
+        elif g.fallback:
+            self.get_logger().info(g.fallback)
         if g.swapped:
-            self.get_logger().info(f'swapped to {g.role!r} ({g.model_id}) for a generate request')
+            self.get_logger().info(f'loaded {g.role!r} ({g.model_id}) for a generate request')
         gh.succeed()
         return result
+
+    @staticmethod
+    def _error_code(exc: Exception, result: Any) -> int:
+        """The result code of `exc` in a Generate or SwapModel result."""
+        for kind, name in ((UnknownRole, 'UNKNOWN_ROLE'), (Cancelled, 'CANCELLED'),
+                           (LoadError, 'LOAD_FAILED'), (ValueError, 'INVALID_INPUT')):
+            if isinstance(exc, kind) and hasattr(result, name):
+                return int(getattr(result, name))
+        return int(getattr(result, 'FAILED', result.LOAD_FAILED))
 
     def _execute_swap(self, gh: ServerGoalHandle) -> SwapModel.Result:
         goal: SwapModel.Goal = gh.request
@@ -196,28 +417,32 @@ class ModelManagerNode(LifecycleNode):
         pool = self.pool
         if pool is None:
             gh.abort()
-            result.error_code, result.error_msg = result.INACTIVE, 'model manager is not configured'
+            result.error_code = result.INACTIVE
+            result.error_msg = 'model manager is not configured'
             return result
         t0 = time.monotonic()
+        last: Dict[str, Any] = {'stage': '', 'fraction': -1.0}
 
-        def progress(stage: str, fraction: float) -> None:
-            gh.publish_feedback(SwapModel.Feedback(stage=stage, progress=fraction))
+        def progress(p: LoadProgress) -> None:
+            # every stage change, each 1 % of the bytes, and the end
+            if p.stage != last['stage'] or p.fraction - last['fraction'] >= 0.01 \
+                    or p.fraction >= 1.0:
+                last.update(stage=p.stage, fraction=p.fraction)
+                gh.publish_feedback(SwapModel.Feedback(
+                    stage=p.stage, progress=float(p.fraction), bytes_done=p.bytes_done,
+                    bytes_total=p.bytes_total, shards_done=p.shards_done,
+                    shards_total=p.shards_total))
 
         try:
             entry = pool.load(goal.role, reason=goal.reason or 'swap request', progress=progress,
-                              should_stop=lambda: gh.is_cancel_requested)
-        except Cancelled as exc:
-            gh.canceled()
-            result.error_code, result.error_msg = result.CANCELLED, str(exc)
-            return result
-        except UnknownRole as exc:
-            gh.abort()
-            result.error_code, result.error_msg = result.UNKNOWN_ROLE, str(exc)
-            return result
-        except ModelError as exc:
-            self.get_logger().error(f'swap failed: {exc}')
-            gh.abort()
-            result.error_code, result.error_msg = result.LOAD_FAILED, str(exc)
+                              should_stop=lambda: gh.is_cancel_requested, retry_failed=True)
+        except Exception as exc:
+            result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
+            if result.error_code == result.CANCELLED:
+                gh.canceled()
+            else:
+                self.get_logger().error(f'swap failed: {exc}')
+                gh.abort()
             return result
         result.model, result.memory_bytes = entry.spec.model_id, entry.memory_bytes
         result.duration_s = time.monotonic() - t0
@@ -226,8 +451,13 @@ class ModelManagerNode(LifecycleNode):
         return result
 
     def destroy_node(self) -> None:
-        if self.pool is not None:
-            self.pool.listeners.clear()  # a generation still running must not publish any more
+        self._cancel.set()
+        for pool in [self.pool, *self._retiring]:
+            if pool is not None:
+                pool.listeners.clear()  # a generation still running must not publish any more
+        self._loader.shutdown(wait=True)  # bounded: the cancelled load stops at its next step
+        if self._store is not None:
+            self._store.close()
         super().destroy_node()
 
     # ---- status ------------------------------------------------------------------------------
@@ -235,20 +465,26 @@ class ModelManagerNode(LifecycleNode):
         pool = self.pool
         msg = ModelStatus(stamp=stamp(), lifecycle_state=self._state_label,
                           available_roles=list(self._roles), default_role=self._default_role,
-                          error=self._error)
+                          error=self._error or (pool.last_error if pool is not None else ''),
+                          memory_budget_bytes=int(self._p('memory_budget_gib') * GIB))
+        pools = [p for p in [*self._retiring, pool] if p is not None]
+        loaded = [e for p in pools for e in p.loaded()]
+        msg.loaded = [LoadedModel(
+            role=e.spec.role, model_id=e.spec.model_id, path=e.spec.path, device=e.spec.device,
+            dtype=e.spec.dtype, memory_bytes=e.memory_bytes,
+            load_duration_s=float(e.load_duration_s), loaded_at=stamp(e.loaded_at),
+            keep_resident=e.spec.keep_resident, uses=e.uses) for e in loaded]
+        msg.busy = any(p.busy for p in pools)
+        msg.memory_used_bytes = sum(e.memory_bytes for e in loaded)
+        msg.memory_available_bytes = available_memory(
+            self._p(f'models.{self._default_role}.device'))
         if pool is not None:
-            msg.busy = pool.busy
-            msg.loaded = [LoadedModel(
-                role=e.spec.role, model_id=e.spec.model_id, path=e.spec.path, device=e.spec.device,
-                dtype=e.spec.dtype, memory_bytes=e.memory_bytes,
-                load_duration_s=float(e.load_duration_s), loaded_at=stamp(e.loaded_at))
-                for e in pool.loaded()]
-            msg.swap_count = len(pool.swaps)
-            if pool.swaps:
-                s = pool.swaps[-1]
-                msg.last_swap = SwapRecord(stamp=stamp(s.finished_at), from_role=s.from_role,
-                                           to_role=s.to_role, reason=s.reason,
-                                           duration_s=float(s.duration_s), succeeded=s.succeeded)
+            msg.loading_role = pool.loading_role
+            msg.swap_count = pool.swap_count
+            history = list(reversed(pool.history))[:self._p('history_size')]
+            msg.history = [record_msg(e) for e in history]
+            if history:
+                msg.last_swap = msg.history[0]
         self._status_pub.publish(msg)
 
 

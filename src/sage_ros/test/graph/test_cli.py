@@ -55,12 +55,28 @@ def test_empty_script_is_one_line(tiny_params_file: Path) -> None:
                    'no input: standard input has no non-empty lines')
 
 
-def test_missing_model_is_one_line(tmp_path: Path, tiny_models: Dict[str, Path]) -> None:
+def test_missing_models_are_one_line(tmp_path: Path, tiny_models: Dict[str, Path]) -> None:
+    pf = tmp_path / 'missing.yaml'
+    pf.write_text(yaml.safe_dump(params_for(
+        tiny_models, **{'model_manager:models.small.path': str(tmp_path / 'gone'),
+                        'model_manager:models.large.path': str(tmp_path / 'gone too')})))
+    one_clear_line(run('chat', '--embedded', '--params-file', str(pf), '--script', '-',
+                       stdin='hello\n'), "model for role 'small' not found")
+
+
+def test_one_missing_model_falls_back_and_says_so(tmp_path: Path,
+                                                 tiny_models: Dict[str, Path]) -> None:
     pf = tmp_path / 'missing.yaml'
     pf.write_text(yaml.safe_dump(params_for(
         tiny_models, **{'model_manager:models.small.path': str(tmp_path / 'gone')})))
-    one_clear_line(run('chat', '--embedded', '--params-file', str(pf), '--script', '-',
-                       stdin='hello\n'), "model for role 'small' not found")
+    p = run('chat', '--embedded', '--params-file', str(pf), '--script', '-', '--json',
+            stdin='hello\nthanks\n')
+    assert p.returncode == 0, p.stderr
+    turns = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(turns) == 2
+    for t in turns:
+        assert t['status'] == 'ok' and t['role'] == 'large' and t['requested_role'] == 'small'
+        assert "'small'" in t['fallback'] and 'not found' in t['fallback']
 
 
 def test_invalid_parameter_value_is_one_line(tmp_path: Path, tiny_models: Dict[str, Path]) -> None:
@@ -75,9 +91,14 @@ def test_demo_answers_small_then_large_with_a_swap_and_keeps_the_conversation() 
             stdin='hello\nDesign a simple routine for a robot to tidy a desk.\nthanks!\n')
     assert p.returncode == 0, p.stderr
     turns = [json.loads(line) for line in p.stdout.splitlines()]
-    assert [(t['model'], t['role'], t['swapped']) for t in turns] == [
-        ('SmolLM2-135M-Instruct', 'small', False),
-        ('Qwen2.5-Coder-0.5B-Instruct', 'large', True),
-        ('SmolLM2-135M-Instruct', 'small', True)]
+    # The swap policy keeps the large model for the short "thanks!" right after the swap
+    # (hysteresis: no swap back for one simple turn), and says so.
+    assert [(t['model'], t['role'], t['requested_role'], t['swapped']) for t in turns] == [
+        ('SmolLM2-135M-Instruct', 'small', 'small', False),
+        ('Qwen2.5-Coder-0.5B-Instruct', 'large', 'large', True),
+        ('Qwen2.5-Coder-0.5B-Instruct', 'large', 'small', False)]
+    assert turns[2]['fallback'] and not turns[0]['fallback'] and not turns[1]['fallback']
     assert all(t['status'] == 'ok' and t['response'] for t in turns)
     assert [t['complexity'] for t in turns] == ['simple', 'complex', 'simple']
+    assert all(t['metabolic_state'] in ('WAKE', 'FOCUS') for t in turns)
+    assert all(0.0 <= t['salience'] <= 1.0 and t['stance'] for t in turns)

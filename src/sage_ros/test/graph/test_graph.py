@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Set, Tuple
 
 import pytest
+import yaml
 import rclpy
 from rclpy.action import get_action_names_and_types
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
+from conftest import params_for
 from sage_ros import graph, names
 
 pytestmark = pytest.mark.graph
@@ -85,8 +87,13 @@ def expected_nodes(ns: str = names.DEFAULT_NAMESPACE) -> Set[Tuple[str, str]]:
 
 
 @pytest.fixture
-def graph_processes(tiny_params_file: Path, domain: int) -> Iterator[Tuple[Probe, subprocess.Popen]]:
-    proc = start_up(tiny_params_file, domain, '--processes')
+def graph_processes(tmp_path: Path, tiny_models: Dict[str, Path],
+                    domain: int) -> Iterator[Tuple[Probe, subprocess.Popen]]:
+    # Every complex request goes to the reasoning block, whatever its salience.
+    params = tmp_path / 'graph.yaml'
+    params.write_text(yaml.safe_dump(params_for(
+        tiny_models, **{'kernel:routing.reasoning_min_salience': 0.0})))
+    proc = start_up(params, domain, '--processes')
     probe = Probe(domain)
     try:
         yield probe, proc
@@ -127,8 +134,10 @@ def test_console_attaches_and_answers_a_script(graph_processes: Tuple[Probe, sub
     for t in turns:
         assert {'input', 'response', 'model', 'complexity', 'latency_s', 'swapped'} <= t.keys()
         assert t['status'] == 'ok' and t['latency_s'] > 0
-    assert [(t['model'], t['complexity'], t['swapped']) for t in turns] == [
-        ('tiny-small', 'simple', False), ('tiny-large', 'complex', True)]
+    # A simple turn goes to the language block; a complex one to the reasoning block, whose
+    # steps run through the language block (the integration step on the large model).
+    assert [(t['block'], t['model'], t['complexity'], t['swapped']) for t in turns] == [
+        ('language', 'tiny-small', 'simple', False), ('reasoning', 'tiny-large', 'complex', True)]
     assert 'attached to the SAGE graph' in out.stderr
 
 

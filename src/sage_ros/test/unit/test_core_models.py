@@ -10,8 +10,8 @@ import pytest
 
 from sage_ros.core.conversation import ChatTurn
 from sage_ros.core.language import LanguageBlock
-from sage_ros.core.models import (Cancelled, GenerationResult, LoadError, ModelPool, ModelSpec,
-                                  StopFn, TextFn, UnknownRole, resolve_model_path)
+from sage_ros.core.models import (Cancelled, GenerationResult, LoadError, ModelError, ModelPool,
+                                  ModelSpec, StopFn, TextFn, UnknownRole, resolve_model_path)
 from sage_ros.core.routing import Complexity
 
 HELLO = [ChatTurn('system', 'be brief'), ChatTurn('user', 'hello robot')]
@@ -47,7 +47,7 @@ def test_swap_evicts_the_previous_model_and_frees_it(tiny_models: Dict[str, Path
 
 
 def test_two_resident_models_swap_back_without_loading(tiny_models: Dict[str, Path]) -> None:
-    p = pool(tiny_models, max_resident=2)
+    p = pool(tiny_models, max_resident=2, keep_resident=True)
     p.load('small')
     p.load('large')
     assert not p.generate('small', HELLO, max_new_tokens=1).swapped
@@ -99,7 +99,7 @@ def test_generation_can_be_cancelled_between_tokens(tiny_models: Dict[str, Path]
 
 def test_prompt_longer_than_the_context_window_is_refused(tiny_models: Dict[str, Path]) -> None:
     p = pool(tiny_models, context_window=16)
-    with pytest.raises(Exception, match='does not fit the context window'):
+    with pytest.raises(ModelError, match="role 'small': .* context window"):
         p.generate('small', [ChatTurn('user', 'hello robot ' * 20)])
 
 
@@ -112,10 +112,11 @@ class Recorder:
 
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
-                 should_stop: Optional[StopFn] = None) -> GenerationResult:
+                 should_stop: Optional[StopFn] = None,
+                 complexity: Optional[str] = None) -> GenerationResult:
         self.calls.append(list(messages))
         return self.inner.generate(role, messages, max_new_tokens, temperature, on_text,
-                                   should_stop)
+                                   should_stop, complexity)
 
 
 def test_conversation_survives_a_swap(tiny_models: Dict[str, Path]) -> None:

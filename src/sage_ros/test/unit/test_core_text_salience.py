@@ -11,7 +11,7 @@ import pytest
 from sage_ros.core.conversation import Conversation
 from sage_ros.core.energy import AtpLedger
 from sage_ros.core.routing import Complexity, RoleMap, estimate_complexity
-from sage_ros.core.salience import SalienceWeights, TextSalience
+from sage_ros.core.salience import Observation, SalienceWeights, SnarcSalience, ngram_embedder
 from sage_ros.core.text import InvalidText, sanitize
 
 
@@ -32,49 +32,56 @@ def test_sanitize_refuses_oversized_text_instead_of_cutting_it() -> None:
     assert sanitize('é' * 4000, max_chars=4000) == 'é' * 4000
 
 
+def scorer() -> SnarcSalience:
+    return SnarcSalience(ngram_embedder())
+
+
 def test_repeated_input_loses_novelty_and_new_input_regains_it() -> None:
-    s = TextSalience()
-    first = s.score('text', 'where is the red cup?')
-    again = s.score('text', 'where is the red cup?')
-    other = s.score('text', 'ALERT!!! smoke detected in the kitchen')
+    s = scorer()
+    first = s.score('text', Observation('where is the red cup?'))
+    again = s.score('text', Observation('where is the red cup?'))
+    other = s.score('text', Observation('ALERT!!! smoke detected in the kitchen'))
     assert first.novelty == 1.0
-    assert again.novelty == 0.0
+    assert again.novelty == pytest.approx(0.0, abs=1e-9)
     assert other.novelty > 0.7
     assert again.total < first.total
 
 
 def test_surprise_rises_for_an_input_unlike_the_recent_ones() -> None:
-    s = TextSalience()
-    calm = [s.score('text', f'status report number {i} all nominal') for i in range(12)]
-    shout = s.score('text', 'FIRE!!! EVACUATE NOW!!! EVERYONE OUT OF THE BUILDING!!!')
+    s = scorer()
+    calm = [s.score('text', Observation(f'status report number {i} all nominal'))
+            for i in range(12)]
+    shout = s.score('text', Observation('FIRE!!! EVACUATE NOW!!! EVERYONE OUT OF THE BUILDING!!!'))
     assert calm[0].surprise == 0.0  # nothing was predicted before the first observation
-    assert shout.surprise > max(c.surprise for c in calm[1:])
-    assert shout.arousal > max(c.arousal for c in calm[2:])
+    assert shout.surprise > 0.8 > max(c.surprise for c in calm[1:])
+    assert shout.arousal > 0.8 > max(c.arousal for c in calm)
 
 
 def test_sensors_have_separate_histories() -> None:
-    s = TextSalience()
-    s.score('a', 'hello there')
-    assert s.score('b', 'hello there').novelty == 1.0
+    s = scorer()
+    s.score('a', Observation('hello there'))
+    assert s.score('b', Observation('hello there')).novelty == 1.0
 
 
 def test_reward_is_neutral_until_outcomes_then_learns() -> None:
-    s = TextSalience()
-    assert s.score('text', 'hi').reward == 0.5
+    s = scorer()
+    first = s.score('text', Observation('hi'))
+    assert first.reward == 0.5
     for _ in range(5):
-        s.record_outcome('text', True)
-    assert s.score('text', 'hi again').reward > 0.8
+        s.record_outcome('text', first, 1.0)
+    assert s.score('text', Observation('hi')).reward > 0.8
     for _ in range(20):
-        s.record_outcome('text', False)
-    assert s.score('text', 'and again').reward < 0.1
+        s.record_outcome('text', first, 0.0)
+    assert s.score('text', Observation('hi')).reward < 0.2
 
 
 @pytest.mark.parametrize('text', ['x', '!' * 5000, 'A' * 3000, '1234567890' * 100, 'ünïcödé 你好'])
 def test_salience_dimensions_stay_in_unit_interval(text: str) -> None:
-    s = TextSalience(weights=SalienceWeights(surprise=5.0, novelty=0.0, arousal=1.0))
+    s = SnarcSalience(ngram_embedder(), weights=SalienceWeights(surprise=1.0, novelty=0.0,
+                                                                 arousal=1.0))
     for _ in range(3):
-        sc = s.score('text', text)
-        for v in (sc.surprise, sc.novelty, sc.arousal, sc.reward, sc.conflict, sc.total):
+        sc = s.score('text', Observation(text))
+        for v in (*sc.dims(), sc.total, sc.confidence):
             assert 0.0 <= v <= 1.0 and not math.isnan(v)
 
 
@@ -84,17 +91,16 @@ def test_zero_weights_fall_back_to_equal_weights() -> None:
 
 
 def test_atp_grant_is_capped_by_what_is_available_and_unused_part_returns() -> None:
-    ledger = AtpLedger(capacity=10.0, recharge_per_s=1.0, level=10.0)
+    ledger = AtpLedger(capacity=10.0)
     g1 = ledger.reserve(8.0)
     g2 = ledger.reserve(8.0)
     assert (g1, g2) == (8.0, 2.0)
     assert ledger.available == 0.0
-    assert ledger.settle(g1, spent=3.0) == 3.0       # charged what was used
-    assert ledger.settle(g2, spent=99.0) == 2.0      # never more than granted
-    assert ledger.level == pytest.approx(5.0)
-    ledger.tick(0.0)
-    ledger.tick(100.0)
-    assert ledger.level == 10.0                       # recharge stops at capacity
+    assert ledger.settle(g1, spent=3.0) == (3.0, 5.0)   # charged what was used, rest returned
+    assert ledger.settle(g2, spent=99.0) == (7.0, 0.0)  # overrun charged as far as ATP allows
+    assert ledger.level == 0.0 and ledger.unpaid_total == pytest.approx(92.0)
+    ledger.recharge(100.0)
+    assert ledger.level == 10.0                          # recharge stops at capacity
 
 
 @pytest.mark.parametrize('text, expected', [

@@ -1,0 +1,210 @@
+"""Fit a conversation to one model's context window without losing what matters.
+
+The conversation belongs to the language block and is sent whole; the model manager fits it to
+whichever model serves the turn, with that model's own tokenizer, right before generating. The
+system preamble and the latest exchanges stay verbatim; older exchanges become a short summary
+(by a small model when one is resident, else extractive) followed by the named facts they
+contained (names, numbers, places), copied verbatim so no summariser can lose them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from .conversation import ChatTurn
+
+CountFn = Callable[[Sequence[ChatTurn]], int]       # tokens of the rendered prompt
+SummarizeFn = Callable[[Sequence[ChatTurn]], str]   # older turns -> a short summary
+
+SUMMARY_HEADER = 'Earlier in this conversation:'
+FACTS_HEADER = 'Facts stated earlier (verbatim):'
+
+
+class ContextOverflow(ValueError):
+    """Even the system preamble and the new message alone do not fit the window."""
+
+
+@dataclass(frozen=True)
+class FittedContext:
+    messages: Tuple[ChatTurn, ...]   # what the model receives
+    prompt_tokens: int               # [tokens] as counted by the model's tokenizer
+    compressed_messages: int         # older messages replaced by the summary (0 = sent verbatim)
+    summary: str                     # the summary block added to the system message ('' if none)
+    facts: Tuple[str, ...]           # named facts kept verbatim from the compressed messages
+
+
+# Numbers with optional decimals and a unit or suffix ("214", "3.5 kg", "7pm", "20%").
+_NUMBER = re.compile(r"\b\d+(?:[.,:]\d+)*(?:\s?(?:%|°[CF]|(?:kg|g|mg|km|m|cm|mm|s|ms|min|h|am|pm"
+                     r"|V|W|Wh|kWh|mAh|MB|GB|MiB|GiB|Hz|kHz)\b))?")
+# Runs of capitalised words ("Alice", "Room Seven", "New York"), not counting "I".
+_NAME = re.compile(r"\b(?:[A-Z][a-zA-Z'-]+)(?:\s+(?:of|de|van|von|the)?\s*[A-Z][a-zA-Z'-]+)*")
+_QUOTED = re.compile(r"[\"“]([^\"”]{1,80})[\"”]")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_NOT_NAMES = frozenset({'I', 'I\'m', 'I\'ll', 'I\'ve', 'I\'d', 'OK', 'Ok', 'Yes', 'No', 'Hi',
+                        'Hello', 'Hey', 'Please', 'Thanks', 'Thank', 'The', 'A', 'An', 'It', 'This',
+                        'That', 'What', 'Where', 'When', 'Who', 'Why', 'How', 'Can', 'Could',
+                        'Would', 'Will', 'Do', 'Does', 'Is', 'Are', 'My', 'Your', 'You', 'We',
+                        'Sure', 'Also', 'And', 'But', 'So', 'Then', 'Now', 'SAGE'})
+
+
+def _starts_sentence(text: str, pos: int) -> bool:
+    before = text[:pos].rstrip()
+    return not before or before[-1] in '.!?:\n"“'
+
+
+def extract_facts(text: str) -> List[str]:
+    """Names, numbers and quoted phrases of `text`, in order of appearance, without repeats."""
+    found: List[Tuple[int, str]] = []
+    for m in _QUOTED.finditer(text):
+        found.append((m.start(), m.group(1).strip()))
+    for m in _NUMBER.finditer(text):
+        found.append((m.start(), m.group(0).strip()))
+    mid_sentence = {m.group(0) for m in _NAME.finditer(text) if not _starts_sentence(text, m.start())}
+    for m in _NAME.finditer(text):
+        words = m.group(0).split()
+        while words and words[0] in _NOT_NAMES:
+            words = words[1:]
+        # A lone capitalised word opening a sentence is usually just a word ("Call it ..."),
+        # unless it also appears capitalised mid-sentence.
+        if len(words) == 1 and _starts_sentence(text, m.start()) and words[0] not in mid_sentence:
+            continue
+        if words:
+            found.append((m.start(), ' '.join(words)))
+    seen: 'OrderedDict[str, None]' = OrderedDict()
+    for _, fact in sorted(found):
+        if fact and fact not in seen:
+            seen[fact] = None
+    return list(seen)
+
+
+def extractive_summary(turns: Sequence[ChatTurn], max_chars: int = 600) -> str:
+    """The user's sentences that carry facts (else their first sentence), oldest first."""
+    picked: List[str] = []
+    for turn in turns:
+        if turn.role != 'user':
+            continue
+        sentences = [s.strip() for s in _SENTENCE.split(turn.content) if s.strip()]
+        with_facts = [s for s in sentences if extract_facts(s)]
+        picked.extend(with_facts or sentences[:1])
+    if not picked:
+        return ''
+    text = 'The user said: ' + ' '.join(picked)
+    if len(text) > max_chars:
+        text = text[:max_chars].rsplit(' ', 1)[0] + ' ...'
+    return text
+
+
+class SummaryCache:
+    """Summaries by the content of the turns they summarise: the cut point of a growing
+    conversation moves one exchange at a time, so the same prefix is asked for repeatedly."""
+
+    def __init__(self, size: int = 32) -> None:
+        self._items: 'OrderedDict[str, str]' = OrderedDict()
+        self._size = size
+
+    @staticmethod
+    def key(turns: Sequence[ChatTurn]) -> str:
+        h = hashlib.sha256()
+        for t in turns:
+            h.update(t.role.encode())
+            h.update(b'\0')
+            h.update(t.content.encode())
+            h.update(b'\1')
+        return h.hexdigest()
+
+    def get_or_make(self, turns: Sequence[ChatTurn], make: Callable[[], str]) -> str:
+        k = self.key(turns)
+        if k in self._items:
+            self._items.move_to_end(k)
+            return self._items[k]
+        value = make()
+        self._items[k] = value
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return value
+
+
+def _with_summary(system: Optional[ChatTurn], block: str) -> List[ChatTurn]:
+    if not block:
+        return [system] if system else []
+    content = f'{system.content}\n\n{block}' if system else block
+    return [ChatTurn('system', content)]
+
+
+def _summary_block(older: Sequence[ChatTurn], summarize: Optional[SummarizeFn],
+                   cache: Optional[SummaryCache], facts_only: bool,
+                   max_chars: int) -> Tuple[str, Tuple[str, ...]]:
+    facts = tuple(dict.fromkeys(f for t in older for f in extract_facts(t.content)))
+    parts = []
+    if not facts_only:
+        def make() -> str:
+            if summarize is not None:
+                try:
+                    text = summarize(older).strip()
+                except Exception:  # a failed summary must never cost the turn
+                    text = ''
+                if text:
+                    return text[:max_chars]
+            return extractive_summary(older, max_chars)
+        summary = cache.get_or_make(older, make) if cache is not None else make()
+        if summary:
+            parts.append(f'{SUMMARY_HEADER} {summary}')
+    if facts:
+        parts.append(f'{FACTS_HEADER} {"; ".join(facts)}.')
+    return '\n'.join(parts), facts
+
+
+def fit_to_window(messages: Sequence[ChatTurn], count_tokens: CountFn, window: int,
+                  reserve_tokens: int, summarize: Optional[SummarizeFn] = None,
+                  cache: Optional[SummaryCache] = None) -> FittedContext:
+    """The longest verbatim tail of `messages` that fits `window - reserve_tokens`, with the
+    older part summarised into the system message (at most about a quarter of the window:
+    `limit` characters are roughly `limit / 4` tokens).
+
+    `messages` is [system?] + history + [the new user message]; history is cut only at the
+    start of an exchange (a user message), so the model never sees a reply without its question.
+    """
+    if not messages:
+        raise ValueError('no messages to fit')
+    limit = window - max(0, reserve_tokens)
+    total = count_tokens(messages)
+    if total <= limit:
+        return FittedContext(tuple(messages), total, 0, '', ())
+
+    system = messages[0] if messages[0].role == 'system' else None
+    body = list(messages[1:] if system else messages)
+    newest = body[-1:]
+    history = body[:-1]
+    # Cut points: the start of each exchange in the history, latest exchanges kept first.
+    cuts = [i for i, m in enumerate(history) if m.role == 'user'] + [len(history)]
+    cuts = sorted(set(cuts) - {0})
+    for facts_only in (False, True):
+        for cut in cuts:
+            older, recent = history[:cut], history[cut:]
+            block, facts = _summary_block(older, summarize, cache, facts_only,
+                                          max_chars=max(200, limit))
+            candidate = _with_summary(system, block) + recent + newest
+            tokens = count_tokens(candidate)
+            if tokens <= limit:
+                return FittedContext(tuple(candidate), tokens, len(older), block, facts)
+    bare = _with_summary(system, '') + newest
+    tokens = count_tokens(bare)
+    if tokens <= limit:
+        return FittedContext(tuple(bare), tokens, len(history), '', ())
+    raise ContextOverflow(f'the message needs {tokens} tokens with the system prompt, more than '
+                          f'the {limit} the context window leaves after reserving '
+                          f'{reserve_tokens} for the answer')
+
+
+SUMMARY_INSTRUCTION = ('Summarise this conversation in at most three sentences for the assistant '
+                       'who continues it. Keep every name, number and place exactly as written.')
+
+
+def summary_request(turns: Sequence[ChatTurn]) -> List[ChatTurn]:
+    """The messages that ask a model to summarise `turns`."""
+    transcript = '\n'.join(f'{t.role}: {t.content}' for t in turns if t.role != 'system')
+    return [ChatTurn('system', SUMMARY_INSTRUCTION), ChatTurn('user', transcript)]

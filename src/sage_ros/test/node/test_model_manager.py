@@ -1,0 +1,251 @@
+"""Model manager node over real rclpy: lifecycle services answer during a held load, swap
+progress and cancel, fallback in results and status, every status field, run-time parameter
+changes, and swap history kept across restarts."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import pytest
+import rclpy
+import yaml
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.srv import SetParameters
+from rclpy.action import ActionClient
+from rclpy.context import Context
+from rclpy.parameter import Parameter
+from sage_interfaces.action import Generate, SwapModel
+from sage_interfaces.msg import ChatMessage, ModelStatus
+
+from conftest import params_for
+from sage_ros import graph, names
+from sage_ros.cli.graph_runner import context_args
+from sage_ros.core.models import LoadProgress
+from sage_ros.nodes.common import LATCHED, ConfigError
+from sage_ros.nodes.model_manager import ModelManagerNode
+from node_harness import Harness, send_goal, wait_for
+
+HELLO = [ChatMessage(role='user', content='hello')]
+MM = (graph.MODEL_MANAGER,)
+
+
+class LoadGate:
+    """Holds a load of `role` at its first weight read until `open()`: a load as long as the
+    test wants, without a sleep in product code."""
+
+    def __init__(self, node: ModelManagerNode, role: str) -> None:
+        self.role = role
+        self.held = threading.Event()
+        self._open = threading.Event()
+        node.load_listeners.append(self)
+
+    def __call__(self, p: LoadProgress) -> None:
+        if p.role == self.role and p.stage == 'weights' and not self._open.is_set():
+            self.held.set()
+            self._open.wait(30.0)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def call(h: Harness, srv_type: Any, name: str, request: Any, timeout: float = 10.0) -> Any:
+    client = h.probe.create_client(srv_type, name)
+    assert client.wait_for_service(timeout_sec=10.0)
+    future = client.call_async(request)
+    wait_for(future.done, timeout, f'{name} answer')
+    return future.result()
+
+
+def transition(h: Harness, transition_id: int) -> bool:
+    req = ChangeState.Request(transition=Transition(id=transition_id))
+    return bool(call(h, ChangeState, f'{names.MODEL_MANAGER}/change_state', req).success)
+
+
+def set_params(h: Harness, **values: object) -> List[Any]:
+    req = SetParameters.Request(parameters=[Parameter(k.replace('__', '.'), value=v)
+                                            .to_parameter_msg() for k, v in values.items()])
+    return list(call(h, SetParameters, f'{names.MODEL_MANAGER}/set_parameters', req).results)
+
+
+def started(make: Callable[..., Harness], **overrides: object) -> tuple[Harness, ModelManagerNode,
+                                                                        List[ModelStatus]]:
+    h = make(MM, **overrides)
+    mm = h.node(ModelManagerNode)
+    assert isinstance(mm, ModelManagerNode)
+    status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    wait_for(lambda: status and status[-1].lifecycle_state == 'active' and status[-1].loaded
+             and not status[-1].busy, what='default role loaded')
+    return h, mm, status
+
+
+def test_lifecycle_services_answer_while_a_load_is_held(harness: Callable[..., Harness]) -> None:
+    h = harness(MM, **{'model_manager:autostart': False})
+    mm = h.node(ModelManagerNode)
+    assert isinstance(mm, ModelManagerNode)
+    status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    gate = LoadGate(mm, 'small')
+    assert transition(h, Transition.TRANSITION_CONFIGURE), 'returns once the load has started'
+    wait_for(gate.held.is_set, what='load held')
+    state = call(h, GetState, f'{names.MODEL_MANAGER}/get_state', GetState.Request())
+    assert state.current_state.label == 'inactive'
+    wait_for(lambda: status[-1].loading_role == 'small' and status[-1].busy, what='loading status')
+    assert transition(h, Transition.TRANSITION_ACTIVATE)
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    outcome: List[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(send_goal(gen, Generate.Goal(
+        role='small', messages=HELLO))))
+    waiter.start()  # the goal waits for the held load
+    gate.open()
+    waiter.join(60.0)
+    ok, result, _ = outcome[0]
+    assert ok and result.error_code == Generate.Result.NONE and result.role == 'small'
+    assert not result.swapped and result.requested_role == 'small' and result.fallback == ''
+    wait_for(lambda: status[-1].loading_role == '' and [m.role for m in status[-1].loaded]
+             == ['small'], what='loaded status')
+
+
+def test_cleanup_cancels_a_held_load(harness: Callable[..., Harness]) -> None:
+    h = harness(MM, **{'model_manager:autostart': False})
+    mm = h.node(ModelManagerNode)
+    assert isinstance(mm, ModelManagerNode)
+    status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    gate = LoadGate(mm, 'small')
+    assert transition(h, Transition.TRANSITION_CONFIGURE)
+    wait_for(gate.held.is_set, what='load held')
+    assert transition(h, Transition.TRANSITION_CLEANUP), 'cleanup answers during the load'
+    gate.open()
+    wait_for(lambda: status[-1].lifecycle_state == 'unconfigured' and not status[-1].loaded
+             and not status[-1].busy, what='nothing loaded after cleanup')
+    assert mm.pool is None
+
+
+def test_swap_streams_bytes_and_shards_and_can_be_cancelled(
+        harness: Callable[..., Harness], tiny_models: Dict[str, Path]) -> None:
+    h, mm, status = started(harness, **{'model_manager:preread_chunk_mib': 1})
+    swap = ActionClient(h.probe, SwapModel, names.MODEL_SWAP)
+    ok, result, feedback = send_goal(swap, SwapModel.Goal(role='large', reason='test'))
+    size = (tiny_models['large'] / 'model.safetensors').stat().st_size
+    assert ok and result.error_code == SwapModel.Result.NONE and result.memory_bytes > 0
+    reads = [f for f in feedback if f.stage == 'weights']
+    assert reads[-1].bytes_done == reads[-1].bytes_total == size
+    assert (reads[-1].shards_done, reads[-1].shards_total) == (1, 1)
+    assert feedback[-1].stage == 'done' and feedback[-1].progress == 1.0
+    wait_for(lambda: [m.role for m in status[-1].loaded] == ['large'], what='large loaded')
+
+    gate = LoadGate(mm, 'small')
+    assert swap.wait_for_server(timeout_sec=10.0)
+    sent = swap.send_goal_async(SwapModel.Goal(role='small', reason='to be cancelled'))
+    wait_for(gate.held.is_set, what='swap held')
+    handle = sent.result()
+    result_future = handle.get_result_async()
+    cancelling = handle.cancel_goal_async()
+    wait_for(cancelling.done, what='cancel accepted')
+    gate.open()
+    wait_for(result_future.done, 30.0, 'cancelled result')
+    assert result_future.result().result.error_code == SwapModel.Result.CANCELLED
+    wait_for(lambda: not status[-1].busy, what='idle')
+    assert [m.role for m in status[-1].loaded] == ['large'], 'the resident model stays'
+    assert not status[-1].history[0].succeeded and 'cancelled' in status[-1].history[0].error
+
+
+def test_a_corrupt_model_falls_back_and_says_so(
+        harness: Callable[..., Harness], tiny_models: Dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / 'bad-large'
+    shutil.copytree(tiny_models['large'], bad)
+    weights = (bad / 'model.safetensors').read_bytes()
+    (bad / 'model.safetensors').write_bytes(weights[:len(weights) // 3])
+    h, mm, status = started(harness, **{'model_manager:models.large.path': str(bad)})
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    ok, result, _ = send_goal(gen, Generate.Goal(role='large', messages=HELLO))
+    assert ok and result.error_code == Generate.Result.NONE and result.text is not None
+    assert (result.role, result.requested_role, result.model) == ('small', 'large', 'tiny-small')
+    assert 'truncated' in result.fallback and "answered with 'small'" in result.fallback
+    wait_for(lambda: 'truncated' in status[-1].error and not status[-1].busy, what='error status')
+    failed = status[-1].history[0]
+    assert (failed.to_role, failed.succeeded) == ('large', False) and 'truncated' in failed.error
+    ok, result, _ = send_goal(gen, Generate.Goal(role='small', messages=HELLO))
+    assert ok and result.role == 'small' and result.fallback == '', 'the session continues'
+    ok, result, _ = send_goal(ActionClient(h.probe, SwapModel, names.MODEL_SWAP),
+                              SwapModel.Goal(role='large'))
+    assert ok and result.error_code == SwapModel.Result.LOAD_FAILED
+    assert 'truncated' in result.error_msg
+
+
+def test_status_fills_every_field(harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness, **{'model_manager:memory_budget_gib': 1.0,
+                                        'model_manager:models.small.keep_resident': True})
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    assert send_goal(gen, Generate.Goal(role='small', messages=HELLO))[0]
+    assert send_goal(gen, Generate.Goal(role='large', messages=HELLO))[0]
+    wait_for(lambda: not status[-1].busy and status[-1].loaded[0].uses == 1, what='settled')
+    s = status[-1]
+    assert s.lifecycle_state == 'active' and s.default_role == 'small' and s.error == ''
+    assert list(s.available_roles) == ['small', 'large'] and s.loading_role == ''
+    assert s.memory_budget_bytes == 1 << 30 and s.memory_available_bytes > 0
+    assert [m.role for m in s.loaded] == ['large'] and not s.loaded[0].keep_resident
+    assert s.memory_used_bytes == s.loaded[0].memory_bytes > 0
+    assert s.swap_count == 2 and [r.to_role for r in s.history] == ['large', 'small']
+    newest = s.history[0]
+    assert newest == s.last_swap and newest.succeeded and newest.evicted == ['small']
+    assert newest.from_role == 'small' and newest.memory_bytes == s.loaded[0].memory_bytes
+    assert newest.bytes_read > 0 and newest.duration_s > 0 and newest.reason
+    assert s.loaded[0].load_duration_s > 0 and s.loaded[0].loaded_at.sec > 0
+
+
+def test_model_entries_change_at_run_time(
+        harness: Callable[..., Harness], tiny_models: Dict[str, Path], tmp_path: Path) -> None:
+    h, mm, status = started(harness)
+    moved = tmp_path / 'moved-small'
+    shutil.copytree(tiny_models['small'], moved)
+    results = set_params(h, models__small__path=str(moved))
+    assert results[0].successful
+    wait_for(lambda: status[-1].loaded and status[-1].loaded[0].path == str(moved)
+             and not status[-1].busy, what='default role reloaded from its new path')
+    assert status[-1].history[0].reason == 'configuration changed'
+    assert status[-1].history[0].evicted == ['small']
+
+    for name, value, why in (('models__small__path', str(tmp_path / 'nowhere'), 'not found'),
+                             ('models__large__dtype', 'int7', 'unknown dtype'),
+                             ('models__large__device', 'tpu', 'unknown device'),
+                             ('models__small__fallback', ['small'], 'not other configured roles'),
+                             ('roles', ['a'], 'read-only')):
+        r = set_params(h, **{name: value})[0]
+        assert not r.successful and why in r.reason, (name, r.reason)
+    assert set_params(h, policy__min_dwell_s=0.0, max_resident=2)[0].successful
+    assert mm.pool is not None and mm.pool.policy.config.min_dwell_s == 0.0
+    assert mm.pool.max_resident == 2
+
+
+def test_swap_history_survives_a_restart(tiny_models: Dict[str, Path], tmp_path: Path,
+                                         harness: Callable[..., Harness]) -> None:
+    first = Harness(params_for(tiny_models), tmp_path, MM)
+    try:
+        status = first.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+        wait_for(lambda: status and status[-1].loaded and not status[-1].busy, what='loaded')
+        ok, _, _ = send_goal(ActionClient(first.probe, SwapModel, names.MODEL_SWAP),
+                             SwapModel.Goal(role='large', reason='before restart'))
+        assert ok
+    finally:
+        first.close()
+    h, mm, status = started(harness)
+    wait_for(lambda: status[-1].swap_count == 3, what='count continues')
+    assert [(r.to_role, r.reason) for r in status[-1].history] == [
+        ('small', 'configure'), ('large', 'before restart'), ('small', 'configure')]
+
+
+def test_a_default_role_outside_the_roles_is_one_clear_error(
+        tiny_models: Dict[str, Path], tmp_path: Path) -> None:
+    pf = tmp_path / 'bad.yaml'
+    params = params_for(tiny_models, **{'model_manager:default_role': 'medium'})
+    pf.write_text(yaml.safe_dump(params))
+    context = Context()
+    rclpy.init(args=context_args(names.DEFAULT_NAMESPACE, pf), context=context)
+    try:
+        with pytest.raises(ConfigError, match="default_role 'medium' is not one of the roles"):
+            ModelManagerNode(context=context)
+    finally:
+        rclpy.try_shutdown(context=context)

@@ -1,0 +1,176 @@
+"""The reasoning block over real rclpy: against a recording Language server (what it sends), and
+against the real language block and model manager with the tiny random models (structure)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable, List
+
+import pytest
+from rclpy.action import ActionClient, ActionServer, CancelResponse
+from rclpy.action.server import ServerGoalHandle
+from rclpy.callback_groups import ReentrantCallbackGroup
+from sage_interfaces.action import Language, Reasoning
+from sage_interfaces.msg import BlockDescription, ModelStatus
+
+from sage_ros import graph, names
+from sage_ros.cli.graph_runner import GraphError
+from sage_ros.nodes.common import LATCHED
+from sage_ros.nodes.language_block import LanguageBlockNode
+from node_harness import Harness, send_goal, wait_for
+
+pytestmark = pytest.mark.slow   # the block embeds with the real MiniLM model
+
+PROBLEM = 'Plan a picnic for the robot team on Saturday'
+PARTS = ['Where should the picnic happen?', 'What food should we bring?']
+ANSWERS = {PARTS[0]: 'The picnic should happen in the park by the river.',
+           PARTS[1]: 'We should bring sandwiches, apples and lemonade as food.'}
+FINAL = 'Saturday picnic: the park by the river, with sandwiches, apples and lemonade.'
+
+
+class RecordingLanguage:
+    """A stand-in `blocks/language` server that answers from a script and records the goals.
+    With `block_on_part`, the goal for that part runs until it is cancelled."""
+
+    def __init__(self, h: Harness, block_on_part: str = '') -> None:
+        self.goals: List[Any] = []
+        self.cancelled: List[str] = []
+        self.block_on_part = block_on_part
+        self.server = ActionServer(h.probe, Language, names.BLOCK_LANGUAGE,
+                                   execute_callback=self._execute,
+                                   cancel_callback=lambda _: CancelResponse.ACCEPT,
+                                   callback_group=ReentrantCallbackGroup())
+
+    def _execute(self, gh: ServerGoalHandle) -> Language.Result:
+        goal = gh.request
+        self.goals.append(goal)
+        if goal.text == self.block_on_part:
+            while not gh.is_cancel_requested:
+                threading.Event().wait(0.01)
+            self.cancelled.append(goal.text)
+            gh.canceled()
+            return Language.Result(error_code=Language.Result.CANCELLED)
+        if 'sub-questions' in goal.text:
+            text = '\n'.join(f'{n}. {q}' for n, q in enumerate(PARTS, 1))
+        elif not goal.ephemeral:
+            text = FINAL
+        else:
+            text = ANSWERS.get(goal.text, 'I do not know.')
+        gh.succeed()
+        return Language.Result(text=text, model='recorder', role='small',
+                               completion_tokens=min(goal.max_new_tokens, len(text.split())))
+
+
+def reasoning_harness(harness: Callable[..., Harness]) -> tuple:
+    h = harness((graph.REASONING_BLOCK,), **{'reasoning_block:availability_period_s': 0.1})
+    descriptions = h.collect(BlockDescription, names.BLOCKS_DESCRIPTION, LATCHED)
+    client = ActionClient(h.probe, Reasoning, names.BLOCK_REASONING)
+    return h, descriptions, client
+
+
+def test_sub_steps_are_ephemeral_and_the_final_step_is_recorded_with_the_partial_results(
+        harness: Callable[..., Harness]) -> None:
+    h, descriptions, client = reasoning_harness(harness)
+    wait_for(lambda: descriptions, what='block description')
+    first = descriptions[-1]
+    assert first.name == 'reasoning' and not first.loaded
+    assert first.action_name == '/sage/blocks/reasoning'
+    assert first.action_type == 'sage_interfaces/action/Reasoning'
+    assert {'reasoning', 'planning', 'decomposition'} <= set(first.capabilities)
+    assert list(first.modalities) == ['text']
+
+    recorder = RecordingLanguage(h)
+    wait_for(lambda: descriptions[-1].loaded, what='loaded once the language block is up')
+
+    ok, result, feedback = send_goal(client, Reasoning.Goal(turn_id=7, problem=PROBLEM,
+                                                            atp_budget=100.0))
+    assert ok and result.error_code == Reasoning.Result.NONE, result.error_msg
+    goals = recorder.goals
+    assert [g.ephemeral for g in goals] == [True] * (len(goals) - 1) + [False]
+    assert [g.text for g in goals[1:3]] == PARTS
+    assert [g.complexity for g in goals[:3]] == ['complex', 'simple', 'simple']
+    final = goals[-1]
+    assert final.text == PROBLEM and final.complexity == 'complex'
+    assert all(q in final.context and ANSWERS[q] in final.context for q in PARTS)
+    assert all(g.turn_id == 7 and g.max_new_tokens > 0 and g.atp_budget > 0 for g in goals)
+    assert result.answer == FINAL and result.steps == len(goals)
+    assert [f.step for f in feedback] == list(range(1, result.steps + 1))
+    assert feedback[1].energy < feedback[0].energy and 'solved part 1/2' in feedback[1].summary
+    assert result.final_energy == pytest.approx(feedback[-1].energy)
+    assert 0 < result.atp_spent <= 100.0
+
+
+@pytest.mark.parametrize('goal,message', [
+    (Reasoning.Goal(problem='', atp_budget=50.0), 'empty'),
+    (Reasoning.Goal(problem='x' * 5000, atp_budget=50.0), 'too long'),
+    (Reasoning.Goal(problem=PROBLEM, atp_budget=0.5), 'cannot pay for one step')])
+def test_invalid_goals_get_invalid_input_with_a_clear_message(
+        harness: Callable[..., Harness], goal: Reasoning.Goal, message: str) -> None:
+    h, _, client = reasoning_harness(harness)
+    recorder = RecordingLanguage(h)
+    ok, result, feedback = send_goal(client, goal)
+    assert ok and result.error_code == Reasoning.Result.INVALID_INPUT
+    assert message in result.error_msg and result.steps == 0
+    assert recorder.goals == [] and feedback == []
+
+
+def test_cancelling_the_goal_cancels_the_language_step_in_flight(
+        harness: Callable[..., Harness]) -> None:
+    h, _, client = reasoning_harness(harness)
+    recorder = RecordingLanguage(h, block_on_part=PARTS[1])
+    assert client.wait_for_server(timeout_sec=10.0)
+    feedback: List[Any] = []
+    sent = client.send_goal_async(Reasoning.Goal(turn_id=3, problem=PROBLEM, atp_budget=100.0),
+                                  feedback_callback=lambda f: feedback.append(f.feedback))
+    wait_for(sent.done, what='goal accepted')
+    handle = sent.result()
+    assert handle.accepted
+    wait_for(lambda: [g.text for g in recorder.goals][-1:] == [PARTS[1]],
+             what='the blocking part in flight')
+    handle.cancel_goal_async()
+    res = handle.get_result_async()
+    wait_for(res.done, what='result after cancel')
+    result = res.result().result
+    assert result.error_code == Reasoning.Result.CANCELLED and result.answer == ''
+    assert recorder.cancelled == [PARTS[1]]
+    assert all(g.ephemeral for g in recorder.goals), 'nothing may be recorded after a cancel'
+    assert [f.step for f in feedback] == [1, 2] and result.steps == 2
+
+
+def test_reasoning_through_the_real_language_block_and_model_manager(
+        harness: Callable[..., Harness]) -> None:
+    h = harness((graph.LANGUAGE_BLOCK, graph.MODEL_MANAGER, graph.REASONING_BLOCK),
+                **{'reasoning_block:tokens.decompose': 12, 'reasoning_block:tokens.solve': 8,
+                   'reasoning_block:tokens.integrate': 8, 'reasoning_block:tokens.min_step': 4,
+                   'reasoning_block:availability_period_s': 0.1})
+    models = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    descriptions = h.collect(BlockDescription, names.BLOCKS_DESCRIPTION, LATCHED)
+    wait_for(lambda: models and models[-1].lifecycle_state == 'active', 120, 'model manager')
+    wait_for(lambda: any(d.name == 'reasoning' and d.loaded for d in descriptions),
+             what='reasoning block loaded')
+    client = ActionClient(h.probe, Reasoning, names.BLOCK_REASONING)
+    budget = 40.0
+    ok, result, feedback = send_goal(client, Reasoning.Goal(
+        turn_id=1, problem='Design a plan to tidy the kitchen table', atp_budget=budget,
+        max_steps=6), timeout=240.0)
+    assert ok and result.error_code == Reasoning.Result.NONE, result.error_msg
+    assert 1 <= result.steps <= 6 and isinstance(result.answer, str)  # random models: noise
+    assert [f.step for f in feedback] == list(range(1, result.steps + 1))
+    assert all(math.isfinite(f.energy) and 0.0 <= f.energy <= 1.0 for f in feedback)
+    assert all(f.summary for f in feedback)
+    assert result.final_energy == pytest.approx(feedback[-1].energy)
+    assert 0 < result.atp_spent <= budget
+    # Only the integration is recorded: the conversation holds (problem, answer), nothing else.
+    language = h.node(LanguageBlockNode)
+    assert isinstance(language, LanguageBlockNode)
+    msgs = language.block.conversation.messages_for('next')
+    assert len(language.block.conversation) == 1
+    assert msgs[-3].content == 'Design a plan to tidy the kitchen table'
+    assert msgs[-2].content.strip() == result.answer
+
+
+def test_a_parameter_that_cannot_work_fails_start_up_naming_the_parameter(
+        harness: Callable[..., Harness]) -> None:
+    with pytest.raises(GraphError, match=r'tokens\.min_step must not exceed'):
+        harness((graph.REASONING_BLOCK,), **{'reasoning_block:tokens.min_step': 500})

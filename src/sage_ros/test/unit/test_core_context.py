@@ -1,0 +1,119 @@
+"""Fitting a conversation to a model's context window: facts survive, the tail stays verbatim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import pytest
+
+from sage_ros.core.context import (FACTS_HEADER, CountFn, SUMMARY_HEADER, ContextOverflow, SummaryCache,
+                                   extract_facts, extractive_summary, fit_to_window,
+                                   summary_request)
+from sage_ros.core.conversation import ChatTurn, Conversation
+
+
+def counter_for(model_dir: Path) -> CountFn:
+    """Token count of the rendered prompt, with the model's own tokenizer and chat template."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+    def count(msgs: Sequence[ChatTurn]) -> int:
+        ids: Any = tok.apply_chat_template([{'role': m.role, 'content': m.content} for m in msgs],
+                                      add_generation_prompt=True, tokenize=True, return_dict=True)
+        return len(ids['input_ids'])
+    return count
+
+
+def long_conversation() -> Conversation:
+    conv = Conversation(system_prompt='You are a robot.', max_exchanges=100)
+    conv.record('Hello, my name is Alice and I work in room 214.', 'Nice to meet you, Alice.')
+    conv.record('The charging dock is next to the Blue Cabinet.', 'Noted.')
+    for i in range(20):
+        conv.record(f'please tell me something about the kitchen table number {i}',
+                    'the table is clean and the cup is on the table next to the window ' * 3)
+    return conv
+
+
+def test_facts_are_names_numbers_and_quotes() -> None:
+    facts = extract_facts('My name is Alice and the box is in room 214 of Building Seven. '
+                          'Back at 7pm; it weighs 3.5 kg. Call it "Project Blue".')
+    assert facts == ['Alice', '214', 'Building Seven', '7pm', '3.5 kg', 'Project Blue']
+    assert extract_facts('') == []
+    assert extract_facts('Hello. Thanks!') == []
+
+
+def test_a_conversation_that_fits_is_sent_unchanged(tiny_models: Dict[str, Path]) -> None:
+    count = counter_for(tiny_models['small'])
+    msgs = Conversation(system_prompt='sys').messages_for('hi')
+    fitted = fit_to_window(msgs, count, window=512, reserve_tokens=16)
+    assert fitted.messages == tuple(msgs) and fitted.compressed_messages == 0
+    assert fitted.prompt_tokens == count(msgs)
+
+
+def test_older_turns_are_summarised_and_facts_kept_verbatim(tiny_models: Dict[str, Path]) -> None:
+    count = counter_for(tiny_models['small'])
+    msgs = long_conversation().messages_for('where is my office?')
+    assert count(msgs) > 1024
+    fitted = fit_to_window(msgs, count, window=1024, reserve_tokens=64)
+    assert fitted.prompt_tokens <= 1024 - 64
+    assert fitted.prompt_tokens == count(fitted.messages)
+    assert fitted.compressed_messages > 0
+    system = fitted.messages[0]
+    assert system.role == 'system' and system.content.startswith('You are a robot.')
+    assert SUMMARY_HEADER in system.content and FACTS_HEADER in system.content
+    for fact in ('Alice', '214', 'Blue Cabinet'):
+        assert fact in system.content
+    # The tail is verbatim, starts with a question and ends with the new message.
+    assert fitted.messages[1].role == 'user'
+    assert fitted.messages[-1] == msgs[-1]
+    assert list(fitted.messages[1:]) == list(msgs[-(len(fitted.messages) - 1):])
+
+
+def test_the_model_summary_is_used_and_cached(tiny_models: Dict[str, Path]) -> None:
+    count = counter_for(tiny_models['small'])
+    calls: List[int] = []
+
+    def summarize(turns: Sequence[ChatTurn]) -> str:
+        calls.append(len(turns))
+        return 'They talked about the kitchen.'
+    cache = SummaryCache()
+    msgs = long_conversation().messages_for('where is my office?')
+    first = fit_to_window(msgs, count, 1024, 64, summarize, cache)
+    again = fit_to_window(msgs, count, 1024, 64, summarize, cache)
+    assert 'They talked about the kitchen.' in first.summary
+    assert first == again
+    assert len(calls) == len(set(calls))  # each prefix summarised once
+
+
+def test_a_failing_summariser_falls_back_to_extraction(tiny_models: Dict[str, Path]) -> None:
+    count = counter_for(tiny_models['small'])
+
+    def broken(turns: Sequence[ChatTurn]) -> str:
+        raise RuntimeError('model gone')
+    fitted = fit_to_window(long_conversation().messages_for('hi'), count, 1024, 64, broken)
+    assert 'The user said:' in fitted.summary and 'Alice' in fitted.summary
+
+
+def test_too_long_a_message_is_a_clear_error(tiny_models: Dict[str, Path]) -> None:
+    count = counter_for(tiny_models['small'])
+    msgs = Conversation(system_prompt='sys').messages_for('word ' * 2000)
+    with pytest.raises(ContextOverflow, match='context window'):
+        fit_to_window(msgs, count, window=512, reserve_tokens=64)
+
+
+def test_extractive_summary_and_summary_request() -> None:
+    turns = [ChatTurn('user', 'Hello there. My name is Alice. How are you?'),
+             ChatTurn('assistant', 'Fine.'), ChatTurn('user', 'what is the weather like')]
+    assert extractive_summary(turns) == 'The user said: My name is Alice. what is the weather like'
+    req = summary_request(turns)
+    assert req[0].role == 'system' and 'user: Hello there.' in req[1].content
+    assert 'assistant: Fine.' in req[1].content
+
+
+def test_context_goes_to_this_turn_only() -> None:
+    conv = Conversation(system_prompt='sys')
+    msgs = conv.messages_for('combine them', context='part 1: A\npart 2: B')
+    assert 'part 2: B' in msgs[-1].content and msgs[-1].content.endswith('Request: combine them')
+    conv.record('combine them', 'AB')
+    assert all('part 2' not in m.content for m in conv.messages_for('next'))
