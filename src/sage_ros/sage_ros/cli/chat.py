@@ -205,7 +205,7 @@ class Chat:
             else:
                 parts.append('model swapped')
         if r.fallback:
-            parts.append(f'fallback from {r.requested_role}: {r.fallback}')
+            parts.append(f'asked for {r.requested_role}: {r.fallback}')
         sal = self.console.salience.get(r.turn_id) if self.console else None
         mind = f'{r.metabolic_state or "?"} salience {r.salience:.2f}'
         if sal is not None and sal.stance:

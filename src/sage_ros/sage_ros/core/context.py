@@ -42,6 +42,12 @@ _NUMBER = re.compile(r"\b\d+(?:[.,:]\d+)*(?:\s?(?:%|°[CF]|(?:kg|g|mg|km|m|cm|mm
                      r"|V|W|Wh|kWh|mAh|MB|GB|MiB|GiB|Hz|kHz)\b))?")
 # Runs of capitalised words ("Alice", "Room Seven", "New York"), not counting "I".
 _NAME = re.compile(r"\b(?:[A-Z][a-zA-Z'-]+)(?:\s+(?:of|de|van|von|the)?\s*[A-Z][a-zA-Z'-]+)*")
+# Words after which even a small number names something ("room 7", "dock 2").
+_PLACE_WORDS = frozenset({'room', 'floor', 'door', 'gate', 'table', 'bay', 'dock', 'level', 'aisle',
+                          'shelf', 'bed', 'desk', 'station', 'zone', 'number', 'no', 'apartment',
+                          'building', 'platform', 'lane', 'row', 'seat', 'locker', 'cabinet'})
+# Identifiers that mix letters and digits ("R159", "B-12", "PR2").
+_CODE = re.compile(r"\b[A-Za-z][A-Za-z-]*\d[A-Za-z0-9-]*\b")
 _QUOTED = re.compile(r"[\"“]([^\"”]{1,80})[\"”]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _NOT_NAMES = frozenset({'I', 'I\'m', 'I\'ll', 'I\'ve', 'I\'d', 'OK', 'Ok', 'Yes', 'No', 'Hi',
@@ -57,12 +63,21 @@ def _starts_sentence(text: str, pos: int) -> bool:
 
 
 def extract_facts(text: str) -> List[str]:
-    """Names, numbers and quoted phrases of `text`, in order of appearance, without repeats."""
+    """Names, identifiers, numbers and quoted phrases of `text`, in order of appearance,
+    without repeats."""
     found: List[Tuple[int, str]] = []
     for m in _QUOTED.finditer(text):
         found.append((m.start(), m.group(1).strip()))
+    for m in _CODE.finditer(text):
+        found.append((m.start(), m.group(0)))
     for m in _NUMBER.finditer(text):
-        found.append((m.start(), m.group(0).strip()))
+        number = m.group(0).strip()
+        before = text[:m.start()].split()
+        place = before[-1] if before and before[-1].lower().strip('#:') in _PLACE_WORDS else ''
+        if place:
+            found.append((m.start(), f'{place} {number}'))   # "room 7", not a bare "7"
+        elif not (number.isdigit() and len(number) <= 2):   # a bare small count is noise
+            found.append((m.start(), number))
     mid_sentence = {m.group(0) for m in _NAME.finditer(text) if not _starts_sentence(text, m.start())}
     for m in _NAME.finditer(text):
         words = m.group(0).split()
@@ -135,38 +150,24 @@ def _with_summary(system: Optional[ChatTurn], block: str) -> List[ChatTurn]:
     return [ChatTurn('system', content)]
 
 
-def _summary_block(older: Sequence[ChatTurn], summarize: Optional[SummarizeFn],
-                   cache: Optional[SummaryCache], facts_only: bool,
-                   max_chars: int) -> Tuple[str, Tuple[str, ...]]:
-    facts = tuple(dict.fromkeys(f for t in older for f in extract_facts(t.content)))
-    parts = []
-    if not facts_only:
-        def make() -> str:
-            if summarize is not None:
-                try:
-                    text = summarize(older).strip()
-                except Exception:  # a failed summary must never cost the turn
-                    text = ''
-                if text:
-                    return text[:max_chars]
-            return extractive_summary(older, max_chars)
-        summary = cache.get_or_make(older, make) if cache is not None else make()
-        if summary:
-            parts.append(f'{SUMMARY_HEADER} {summary}')
+def _block(summary: str, facts: Sequence[str]) -> str:
+    parts = [f'{SUMMARY_HEADER} {summary}'] if summary else []
     if facts:
         parts.append(f'{FACTS_HEADER} {"; ".join(facts)}.')
-    return '\n'.join(parts), facts
+    return '\n'.join(parts)
 
 
 def fit_to_window(messages: Sequence[ChatTurn], count_tokens: CountFn, window: int,
                   reserve_tokens: int, summarize: Optional[SummarizeFn] = None,
                   cache: Optional[SummaryCache] = None) -> FittedContext:
     """The longest verbatim tail of `messages` that fits `window - reserve_tokens`, with the
-    older part summarised into the system message (at most about a quarter of the window:
-    `limit` characters are roughly `limit / 4` tokens).
+    older part summarised into the system message.
 
     `messages` is [system?] + history + [the new user message]; history is cut only at the
     start of an exchange (a user message), so the model never sees a reply without its question.
+    The cut is chosen with the cheap extractive summary; `summarize` (a model) is then asked
+    once, for that cut, and its text is used if it fits in the same room. When even the facts do
+    not all fit, the newest are kept.
     """
     if not messages:
         raise ValueError('no messages to fit')
@@ -180,21 +181,43 @@ def fit_to_window(messages: Sequence[ChatTurn], count_tokens: CountFn, window: i
     newest = body[-1:]
     history = body[:-1]
     # Cut points: the start of each exchange in the history, latest exchanges kept first.
-    cuts = [i for i, m in enumerate(history) if m.role == 'user'] + [len(history)]
-    cuts = sorted(set(cuts) - {0})
-    for facts_only in (False, True):
-        for cut in cuts:
-            older, recent = history[:cut], history[cut:]
-            block, facts = _summary_block(older, summarize, cache, facts_only,
-                                          max_chars=max(200, limit))
-            candidate = _with_summary(system, block) + recent + newest
-            tokens = count_tokens(candidate)
-            if tokens <= limit:
-                return FittedContext(tuple(candidate), tokens, len(older), block, facts)
-    bare = _with_summary(system, '') + newest
-    tokens = count_tokens(bare)
-    if tokens <= limit:
-        return FittedContext(tuple(bare), tokens, len(history), '', ())
+    cuts = sorted({i for i, m in enumerate(history) if m.role == 'user'} | {len(history)} - {0})
+    max_chars = max(200, limit)   # about a quarter of the room: ~4 characters per token
+
+    def attempt(older: Sequence[ChatTurn], recent: Sequence[ChatTurn], summary: str,
+                facts: Sequence[str]) -> Optional[FittedContext]:
+        block = _block(summary, facts)
+        candidate = _with_summary(system, block) + list(recent) + newest
+        tokens = count_tokens(candidate)
+        if tokens > limit:
+            return None
+        return FittedContext(tuple(candidate), tokens, len(older), block, tuple(facts))
+
+    for cut in cuts:
+        older, recent = history[:cut], history[cut:]
+        facts = list(dict.fromkeys(f for t in older for f in extract_facts(t.content)))
+        extractive = extractive_summary(older, max_chars)
+        fitted = attempt(older, recent, extractive, facts)
+        if fitted is None:
+            continue
+        if summarize is not None:
+            def make() -> str:
+                try:
+                    return summarize(older).strip()[:max(len(extractive), 80)]
+                except Exception:  # a failed summary must never cost the turn
+                    return ''
+            written = cache.get_or_make(older, make) if cache is not None else make()
+            if written:
+                fitted = attempt(older, recent, written, facts) or fitted
+        return fitted
+
+    # Not even the latest exchange fits beside a summary: the facts alone, newest first kept.
+    facts = list(dict.fromkeys(f for t in history for f in extract_facts(t.content)))
+    for first in range(len(facts) + 1):
+        fitted = attempt(history, [], '', facts[first:])
+        if fitted is not None:
+            return fitted
+    tokens = count_tokens(_with_summary(system, '') + newest)
     raise ContextOverflow(f'the message needs {tokens} tokens with the system prompt, more than '
                           f'the {limit} the context window leaves after reserving '
                           f'{reserve_tokens} for the answer')

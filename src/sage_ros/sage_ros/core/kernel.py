@@ -130,8 +130,11 @@ CONFIG_GROUPS: Tuple[Tuple[str, str], ...] = (
     ('salience.weights.', 'weights'), ('salience.', 'salience'), ('trust.', 'trust'))
 
 
+STATES_PREFIX = 'states.'
+
+
 def _state_prefix(state: MetabolicState) -> str:
-    return f'states.{state.value.lower()}.'
+    return f'{STATES_PREFIX}{state.value.lower()}.'
 
 
 def config_params(config: KernelConfig) -> List[Tuple[str, ParamDoc]]:
@@ -151,19 +154,19 @@ def config_with(config: KernelConfig, changes: Mapping[str, Any]) -> KernelConfi
     for name, value in changes.items():
         if isinstance(value, list):
             value = tuple(value)
-        for state in MetabolicState:
-            prefix = _state_prefix(state)
-            if name.startswith(prefix):
-                states.setdefault(state, {})[name[len(prefix):]] = value
+        if name.startswith(STATES_PREFIX):
+            # 'states.<state>.<field>': the state is parsed, so 'Focus' and 'FOCUS' name the
+            # same state and an unknown one says which names exist.
+            state_name, _, field_name = name[len(STATES_PREFIX):].partition('.')
+            states.setdefault(MetabolicState.parse(state_name), {})[field_name] = value
+            continue
+        for prefix, attr in CONFIG_GROUPS:
+            known = {f.name for f in dataclasses.fields(getattr(config, attr))}
+            if name.startswith(prefix) and name[len(prefix):] in known:
+                groups.setdefault(attr, {})[name[len(prefix):]] = value
                 break
         else:
-            for prefix, attr in CONFIG_GROUPS:
-                known = {f.name for f in dataclasses.fields(getattr(config, attr))}
-                if name.startswith(prefix) and name[len(prefix):] in known:
-                    groups.setdefault(attr, {})[name[len(prefix):]] = value
-                    break
-            else:
-                raise ValueError(f'unknown kernel parameter {name!r}')
+            raise ValueError(f'unknown kernel parameter {name!r}')
     try:
         replaced = {attr: dataclasses.replace(getattr(config, attr), **fields)
                     for attr, fields in groups.items()}
@@ -206,12 +209,13 @@ class Dispatch:
     block: BlockDescriptor
     kind: str                   # KIND_LANGUAGE or KIND_REASONING (from the block's action type)
     atp_grant: float            # [ATP] reserved; the unused part returns on completion
+    atp_budget: float           # [ATP] sent to the block: the grant less the per-run charge
     deadline: float             # [s] absolute: still running then -> timed out
     received_at: float
     dispatched_at: float
     salience: float
     complexity: Complexity
-    max_new_tokens: int         # 0: the block's default (the grant covers `answer_tokens`)
+    max_new_tokens: int         # tokens the grant pays for (0 only when tokens cost nothing)
     max_steps: int
     metabolic_state: str        # state when the observation was scored
     reason: str                 # why this block
@@ -221,7 +225,7 @@ class Dispatch:
 @dataclass(frozen=True)
 class Preemption:
     turn_id: int                # the goal to cancel
-    by_turn: int                # the more salient target that needs its place
+    by_turn: int                # the more salient target that needs its place (0: none)
     block_name: str
     reason: str
     charged: float
@@ -258,7 +262,8 @@ class WorkResult:
     completion_tokens: int = 0      # language: tokens generated (charged per token)
     atp_reported: float = 0.0       # reasoning: ATP the block says it used
     converged: Optional[bool] = None
-    started: bool = True            # False: the goal never reached the block (nothing charged)
+    started: bool = True            # False: the goal never reached the block (nothing charged,
+                                    # no trust or crisis count)
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,7 @@ class KernelSnapshot:
     metabolic_state: str
     previous_state: str
     transition_reason: str
-    atp_level: float
+    atp_level: float                # [ATP] held, running goals' grants included
     atp_capacity: float
     atp_reserved: float
     max_targets: int
@@ -409,9 +414,12 @@ class Kernel:
 
     def _crisis(self, now: float) -> str:
         m = self.config.metabolism
-        if (m.crisis_after_failures and self._failures >= m.crisis_after_failures
-                and now - self._last_failure_at < m.crisis_failure_hold_s):
+        if not m.crisis_after_failures or self._failures < m.crisis_after_failures:
+            return ''
+        if now - self._last_failure_at < m.crisis_failure_hold_s:
             return f'{self._failures} consecutive failed goals'
+        # The hold is over: the next failure crisis needs as many failures again.
+        self._failures = 0
         return ''
 
     # ---- observe -------------------------------------------------------------------------------
@@ -480,7 +488,10 @@ class Kernel:
         if transition is not None:
             self.last_decision = (f'{transition.source.value} -> {transition.target.value}: '
                                   f'{transition.reason}')
+            if transition.source is MetabolicState.CRISIS:
+                self._failures = 0       # a crisis that is over starts the count afresh
         preemptions, dispatches, deferred = self._select_and_dispatch(now)
+        self.trust.flush(now, force=False)      # sensor trust, at most every sensor_persist_s
         return CycleResult(tuple(dispatches), tuple(preemptions), tuple(expired),
                            tuple(timeouts), transition, tuple(deferred))
 
@@ -572,11 +583,10 @@ class Kernel:
             # Entering FOCUS or CRISIS with more goals running than the state serves: keep
             # the most salient, cancel the rest.
             goals = sorted(self.active.values(), key=_sort_key)
-            keep = goals[:policy.max_targets]
-            top = keep[0].turn_id if keep else 0
+            top = goals[0] if policy.max_targets > 0 else None
             for d in goals[policy.max_targets:]:
                 preemptions.append(self._preempt(
-                    d, top, d.salience, f'{state} serves {policy.max_targets} at once', now))
+                    d, top, f'{state} serves {policy.max_targets} at once', now))
         # Targets in salience order, up to the state's limit. In a preempting state a target
         # may claim the place of lower-salience goals; those cancels are only carried out if
         # the target then gets its ATP.
@@ -633,8 +643,7 @@ class Kernel:
                 f'ATP short: a goal needs {self.config.atp.min_grant:.1f} ATP and {state} '
                 f'grants {policy.spend_fraction:.0%} of the available ATP per cycle')
         for d, claimant, why in claimed.values():
-            preemptions.append(self._preempt(d, claimant.turn_id, claimant.score.total, why,
-                                             now))
+            preemptions.append(self._preempt(d, claimant, why, now))
         dispatches = [self._dispatch(c.pending, c.block, c.why,
                                      min(alloc[c.pending.turn_id], self.ledger.available), now)
                       for c in chosen]
@@ -678,11 +687,15 @@ class Kernel:
                 block, kind = fallback, self._kind(fallback)
                 alloc = min(alloc, self._need(kind))
         grant = self.ledger.reserve(alloc)
+        # The kernel charges per_run + what the block reports (reasoning) or per_run + tokens
+        # (language), so the block gets the rest of the grant, and a language goal a token cap
+        # the grant pays for: the charge never exceeds the grant.
+        budget = max(0.0, grant - a.per_run)
         max_new_tokens = 0
-        if kind == KIND_LANGUAGE and a.per_token > 0 and grant < self._need(kind) - 1e-9:
-            max_new_tokens = max(1, int((grant - a.per_run) / a.per_token))
+        if kind == KIND_LANGUAGE and a.per_token > 0:
+            max_new_tokens = max(1, int(math.floor(budget / a.per_token + 1e-9)))
         deadline_s = r.reasoning_deadline_s if kind == KIND_REASONING else r.language_deadline_s
-        d = Dispatch(p.turn_id, p.sensor_id, p.text, block, kind, grant, now + deadline_s,
+        d = Dispatch(p.turn_id, p.sensor_id, p.text, block, kind, grant, budget, now + deadline_s,
                      p.received_at, now, p.score.total, p.complexity, max_new_tokens,
                      r.reasoning_max_steps if kind == KIND_REASONING else 0, p.state, why,
                      p.score)
@@ -694,13 +707,21 @@ class Kernel:
                               f' (salience {p.score.total:.2f}, {why}, {self.state.value})')
         return d
 
-    def _preempt(self, d: Dispatch, by_turn: int, by_salience: float, why: str,
+    def _preempt(self, d: Dispatch, by: Optional[Union[_Pending, Dispatch]], why: str,
                  now: float) -> Preemption:
+        """Cancel `d` for `by` (the more salient target or goal it makes room for; None when
+        the state serves no goal at all)."""
         del self.active[d.turn_id]
         # The cancelled work is charged one run; the rest of its grant returns.
         charged, _ = self.ledger.settle(d.atp_grant, self.config.atp.per_run)
-        reason = (f'preempted by turn {by_turn} (salience {by_salience:.2f} vs {d.salience:.2f}; '
-                  f'{why}, {self.state.value})')
+        if by is None:
+            by_turn = 0
+            reason = f'preempted (salience {d.salience:.2f}; {why}, {self.state.value})'
+        else:
+            by_turn = by.turn_id
+            by_salience = by.score.total if isinstance(by, _Pending) else by.salience
+            reason = (f'preempted by turn {by_turn} (salience {by_salience:.2f} vs '
+                      f'{d.salience:.2f}; {why}, {self.state.value})')
         self.last_decision = f'turn {d.turn_id}: {reason}'
         return Preemption(d.turn_id, by_turn, d.block.name, reason, charged)
 
@@ -722,7 +743,11 @@ class Kernel:
         charged, refunded = self.ledger.settle(d.atp_grant, cost)
         outcome = Result(result.success, now - d.dispatched_at, d.deadline - d.dispatched_at,
                          result.converged)
-        if result.success:
+        if not result.started:
+            # The block never got the goal (unreachable, refused): nothing to learn about it and
+            # no failure toward a crisis.
+            trust = self.trust.get(d.block.name, KIND_BLOCK, now)
+        elif result.success:
             self._failures = 0
             trust = self.trust.record(d.block.name, KIND_BLOCK, outcome, now)
         else:
@@ -748,6 +773,10 @@ class Kernel:
         return r
 
     # ---- state ---------------------------------------------------------------------------------
+    def flush(self, now: float) -> None:
+        """Write what is persisted lazily (sensor trust); call before shutting down."""
+        self.trust.flush(now)
+
     def snapshot(self, now: float) -> KernelSnapshot:
         self._tick(now)
         mc = self.metabolism

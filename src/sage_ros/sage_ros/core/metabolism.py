@@ -12,7 +12,14 @@ bugs:
   dreams got shorter at night. Here REST comes sooner at night, dreams come sooner and last
   longer at night, FOCUS and waking come easier by day.
 - DREAM woke on high ATP, so entering DREAM from a rested WAKE ended it at once; here a dream
-  ends when its duration is over, when a salient observation arrives, or when ATP runs low.
+  ends when its duration is over or when a salient observation arrives. Its ATP exits (to REST
+  below `dream_exit_atp`, to CRISIS below `crisis_enter`) are guards: DREAM serves no goal and
+  the kernel spends nothing while dreaming, so they fire only if work that charges the ledger
+  (`AtpLedger.spend`, e.g. a future consolidation) runs during the dream.
+- REST went back to WAKE on recovered ATP before its dream timer could run out, so REST -> DREAM
+  never fired. Here REST tests idleness first, counts idle time (nothing waiting or running and
+  attention below `idle_salience`) rather than time in the state, and the defaults (REST
+  recharges 1 ATP/s, dreams after 10 s idle) let a rested, idle kernel dream before it wakes.
 - Nothing but ATP could trigger CRISIS (`crisis_detected` was always False): here the kernel
   also raises it after consecutive failures, and the flag clears on its own.
 - REST allowed 0 targets (fixed later by the authors) and the target selection let one target
@@ -47,8 +54,8 @@ class MetabolicState(str, enum.Enum):
 
     @classmethod
     def parse(cls, name: str) -> 'MetabolicState':
-        """Case-insensitive (the prototype's LLM pool compared 'focus' with 'FOCUS' and never
-        matched)."""
+        """Case-insensitive, for state names read from parameters ('states.focus.*'): the
+        prototype's LLM pool compared 'focus' with 'FOCUS' and never matched."""
         try:
             return cls(str(name).strip().upper())
         except ValueError:
@@ -102,7 +109,7 @@ DEFAULT_POLICIES: Dict[MetabolicState, StatePolicy] = {
                                      ('standard', 'elevated'), False, False),
     MetabolicState.FOCUS: StatePolicy(1, 0.0, 0.0, 0.2, 0.8, (ALL_SENSORS,),
                                       ('standard', 'elevated', 'dangerous'), False, True),
-    MetabolicState.REST: StatePolicy(1, 0.5, 1.0, 2.0, 0.2, (ALL_SENSORS,), ('standard',),
+    MetabolicState.REST: StatePolicy(1, 0.5, 1.0, 1.0, 0.2, (ALL_SENSORS,), ('standard',),
                                      False, False),
     MetabolicState.DREAM: StatePolicy(0, 1.0, 10.0, 1.0, 0.1, (ALL_SENSORS,), (), True, False),
     MetabolicState.CRISIS: StatePolicy(1, 0.0, 0.2, 1.0, 0.95, (ALL_SENSORS,), ('standard',),
@@ -149,8 +156,9 @@ class MetabolicParams:
                                     1.0)
     dream_idle_s: float = tunable(600.0, 'Idle time after which WAKE goes to DREAM', 0.0,
                                   1e7, unit='s')
-    rest_to_dream_s: float = tunable(120.0, 'Idle time in REST after which REST goes to DREAM',
-                                     0.0, 1e7, unit='s')
+    rest_to_dream_s: float = tunable(
+        10.0, 'Idle time in REST after which REST goes to DREAM (tested before REST->WAKE)', 0.0,
+        1e7, unit='s')
     dream_duration_s: float = tunable(300.0, 'How long a dream lasts before WAKE', 0.0, 1e7,
                                       unit='s')
     dream_wake_salience: float = tunable(
@@ -343,10 +351,11 @@ class MetabolicController:
             if a < p.focus_min_atp:
                 return S.WAKE, f'ATP {_pct(a)} too low to stay focused ({_pct(p.focus_min_atp)})'
         elif st is S.REST:
+            # Idle first: a rested kernel with nothing to do dreams rather than wakes.
+            if idle and idle_for >= th.rest_to_dream_s and a >= p.dream_min_atp:
+                return S.DREAM, f'rested and idle for {idle_for:.0f} s'
             if a >= th.wake_enter:
                 return S.WAKE, f'ATP recovered to {_pct(a)} (>= {_pct(th.wake_enter)})'
-            if idle and dwell >= th.rest_to_dream_s and a >= p.dream_min_atp:
-                return S.DREAM, f'rested and idle for {dwell:.0f} s'
         elif st is S.DREAM:
             if a < p.dream_exit_atp:
                 return S.REST, f'ATP {_pct(a)} below the dream level {_pct(p.dream_exit_atp)}'

@@ -163,6 +163,8 @@ def _weight_files(spec: ModelSpec, directory: Path) -> List[Path]:
         if index.is_file():
             try:
                 names = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+                if not all(isinstance(n, str) and n for n in names):
+                    raise TypeError('weight file names must be strings')
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise LoadError(f'cannot load model for role {spec.role!r}: {index} is not a '
                                 'valid weight index') from None
@@ -205,9 +207,11 @@ def _safetensors_bytes(spec: ModelSpec, file: Path, itemsize: int) -> int:
         try:
             dtype, shape, (begin, stop) = t['dtype'], t['shape'], t['data_offsets']
             numel = math.prod(int(d) for d in shape)
+            begin, stop = int(begin), int(stop)
+            known = isinstance(dtype, str) and dtype in _ST_BYTES
         except (KeyError, TypeError, ValueError):
             raise corrupt(f'bad entry for tensor {name!r}') from None
-        if dtype not in _ST_BYTES:
+        if not known:
             raise corrupt(f'unknown dtype {dtype!r} of tensor {name!r}')
         if stop - begin != numel * _ST_BYTES[dtype]:
             raise corrupt(f'tensor {name!r} has the wrong number of bytes')
@@ -220,6 +224,13 @@ def _safetensors_bytes(spec: ModelSpec, file: Path, itemsize: int) -> int:
 
 def inspect_weights(spec: ModelSpec) -> WeightInfo:
     """Find a spec's weight files, check them and estimate their memory (no weights are read)."""
+    try:
+        return _inspect_weights(spec)
+    except OSError as exc:   # unreadable files are a broken model, not a crash
+        raise LoadError(f'cannot load model for role {spec.role!r}: {exc}') from None
+
+
+def _inspect_weights(spec: ModelSpec) -> WeightInfo:
     directory = locate_model_dir(spec)
     files = _weight_files(spec, directory)
     itemsize = DTYPE_BYTES[spec.dtype]
@@ -600,8 +611,8 @@ class ModelPool:
                     self._unload_locked(role)
         self._notify()
         if self.default_role in roles:  # load() replaces it and records it as evicted
-            self.load(self.default_role, reason=reason, should_stop=should_stop,
-                      retry_failed=True)
+            # A broken new entry must not leave nothing resident: its fallback serves instead.
+            self.load_or_fall_back(self.default_role, reason=reason, should_stop=should_stop)
 
     # ---- locking -------------------------------------------------------------------------------
     def _notify(self) -> None:
@@ -717,7 +728,9 @@ class ModelPool:
                     self._unload_locked(victim)
                     evicted.append(victim)
                 unload_s += time.monotonic() - t_unload
-                entry = self._load_spec(spec, info, report, should_stop)
+                # Once something was evicted, a cancel would leave nothing resident: the load
+                # then runs to the end (cancellable before that, during the read-ahead).
+                entry = self._load_spec(spec, info, report, None if evicted else should_stop)
             except BaseException as exc:
                 self.loading_role = ''
                 error = str(exc) or type(exc).__name__
@@ -843,7 +856,9 @@ class ModelPool:
             entry.uses += 1
             entry.last_used = time.monotonic()
             t_generate = time.monotonic()
-            result = self._generate(entry, messages, max_new_tokens or entry.spec.max_new_tokens,
+            # The role's cap bounds every answer; a caller (an ATP budget) may ask for fewer.
+            cap = entry.spec.max_new_tokens
+            result = self._generate(entry, messages, min(max_new_tokens, cap) or cap,
                                     temperature, on_text, should_stop, swapped, t0)
             self.policy.observe_generation(entry.spec.role, time.monotonic() - t_generate)
         return replace(result, requested_role=requested, fallback=fallback, decision=decision)
@@ -912,7 +927,7 @@ class ModelPool:
                 fitted = fit_to_window(
                     messages, lambda ms: _prompt_tokens(tok, ms), entry.spec.context_window,
                     reserve_tokens=min(max_new_tokens, entry.spec.context_window // 2),
-                    summarize=self._summarizer(entry), cache=self._summaries)
+                    summarize=self._summarizer(entry, should_stop), cache=self._summaries)
             except ContextOverflow as exc:
                 raise ModelError(f'role {entry.spec.role!r}: {exc}') from None
             messages = fitted.messages
@@ -928,10 +943,12 @@ class ModelPool:
                              f'({entry.spec.context_window}) of role {entry.spec.role!r}')
 
         stop_flag = should_stop or (lambda: False)
+        aborted = threading.Event()   # the caller's side failed: stop the worker too
 
         class _Stop(StoppingCriteria):  # checked after every token
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), bool(stop_flag()), dtype=torch.bool,
+                stop = aborted.is_set() or bool(stop_flag())
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool,
                                   device=input_ids.device)
 
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -957,14 +974,23 @@ class ModelPool:
         worker = self._generation_thread.submit(run)
         pieces: List[str] = []
         ttft = 0.0
-        for piece in streamer:
-            if not piece:
-                continue
-            if not pieces:
-                ttft = time.monotonic() - t0
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
+        try:
+            for piece in streamer:
+                if not piece:
+                    continue
+                if not pieces:
+                    ttft = time.monotonic() - t0
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+        except BaseException:
+            # Never leave with the model still generating: the lock is released on the way
+            # out, and a swap must not pull the model from under a running generation.
+            aborted.set()
+            for _ in streamer:
+                pass
+            worker.result()
+            raise
         worker.result()
         if 'error' in output:
             raise ModelError(f'generation failed: {output["error"]}') from output['error']
@@ -977,13 +1003,14 @@ class ModelPool:
                                 time_to_first_token_s=ttft or (time.monotonic() - t0),
                                 duration_s=time.monotonic() - t0, context=fitted)
 
-    def _summarizer(self, serving: LoadedModel) -> Optional[Callable[[Sequence[ChatTurn]], str]]:
+    def _summarizer(self, serving: LoadedModel, should_stop: Optional[StopFn]
+                    ) -> Optional[Callable[[Sequence[ChatTurn]], str]]:
         """Summaries of older turns by the least capable RESIDENT model (never a swap for a
         summary); None = extractive summaries only."""
         if self.summary_tokens < 1:
             return None
-        resident = [self._loaded[r] for r in self.specs if r in self._loaded]
-        entry = resident[0] if resident else serving
+        current = [e for e in self._loaded.values() if e.key == self.specs[e.spec.role].key]
+        entry = min(current, key=lambda e: e.spec.priority) if current else serving
 
         def summarize(turns: Sequence[ChatTurn]) -> str:
             window = entry.spec.context_window
@@ -992,7 +1019,7 @@ class ModelPool:
             keep = max(200, 2 * (window - self.summary_tokens))
             if len(request[1].content) > keep:
                 request[1] = ChatTurn('user', request[1].content[-keep:])
-            result = self._generate(entry, request, self.summary_tokens, 0.0, None, None,
+            result = self._generate(entry, request, self.summary_tokens, 0.0, None, should_stop,
                                     False, time.monotonic(), fit=False)
             return result.text
         return summarize

@@ -18,9 +18,10 @@ The prototype's IRP contract (`init_state`, `step`, `energy`, `halt`), applied t
   `target_energy` (converged); the energy slope over the last `halt_window` steps, i.e. the mean
   decrease per step, below `min_slope` (converged if the energy fell since the start, else
   stalled: a run that never progressed has not converged; a rising energy halts too, unlike the
-  prototype's absolute slope); every part solved and checked; the step cap; the budget; or a step
-  whose output repeats an earlier one. The integration step always follows (it is paid for from a
-  reserve), so a halted run still answers.
+  prototype's absolute slope); every part solved and checked; the step cap; the budget; a step
+  whose output repeats an earlier one; or a step that changed nothing measurable (the energy did
+  not drop and no part's answer changed: stalled). The integration step always follows (it is
+  paid for from a reserve), so a halted run still answers.
 * **No refinement into repetition** (the prototype's "refined version" failure): an output whose
   embedding is at least `repeat_similarity` similar to an earlier output (or to the problem or a
   part, i.e. an echo), whose word n-grams were mostly seen before, or which loops on its own
@@ -46,6 +47,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .blocks import BlockType, CapabilityBlock
+from .embeddings import EmbeddingError
 from .text import InvalidText, sanitize
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # texts -> unit-norm rows
@@ -62,7 +64,8 @@ class StepKind(str, enum.Enum):
 class HaltReason(str, enum.Enum):
     TARGET = 'target'          # energy reached target_energy (converged)
     SLOPE = 'slope'            # the energy slope flattened after progress (converged)
-    STALLED = 'stalled'        # the energy slope flattened with no progress since the start
+    STALLED = 'stalled'        # no progress: a step changed nothing measurable, or the energy
+                               # slope flattened with no progress since the start
     COMPLETE = 'complete'      # every part solved and checked; nothing left to try
     BUDGET = 'budget'          # the ATP left cannot pay for another refinement step
     MAX_STEPS = 'max_steps'    # the step cap leaves room only for the integration
@@ -504,6 +507,7 @@ class ReasoningEngine:
         tokens = min(self.params.token_cap(kind),
                      self.affordable_tokens(state.atp_budget - state.atp_spent - state.reserve))
         before = state.energies[-1]
+        answer_before = state.parts[index].answer if index >= 0 else ''
         text = self._call(state, self._request(state, kind, index, tokens), should_stop)
         if kind is StepKind.DECOMPOSE:
             state.parts = [Part(q) for q in self.parse_parts(text, state.problem)]
@@ -534,6 +538,11 @@ class ReasoningEngine:
                     part.answer = previous
                     summary = f'checked {label}: new answer was no better, kept the old one'
         energy = self.energy(state)
+        if (kind is not StepKind.DECOMPOSE and state.halt is None and energy >= before
+                and state.parts[index].answer == answer_before):
+            # Each step must change something measurable; one that did not would be repeated.
+            state.halt = HaltReason.STALLED
+            summary += '; no progress, halting'
         state.energies.append(energy)
         return StepRecord(state.steps, kind, energy,
                           f'{summary} (energy {before:.2f} -> {energy:.2f})', state.atp_spent)
@@ -579,6 +588,8 @@ class ReasoningEngine:
             reason = HaltReason.CANCELLED
         except LanguageFailed as exc:
             reason, error = HaltReason.FAILED, str(exc) or 'the language block failed'
+        except EmbeddingError as exc:
+            reason, error = HaltReason.FAILED, f'sentence embeddings unavailable: {exc}'
         assert reason is not None
         answer = '' if reason in (HaltReason.CANCELLED, HaltReason.FAILED) else (
             state.answer or state.draft())
@@ -599,7 +610,8 @@ class ReasoningEngine:
 
 
 class ReasoningBlock(CapabilityBlock):
-    """The block as advertised: it holds no model; it is usable while the language block is."""
+    """The block as advertised: it holds no model; it is usable while the language block is
+    reachable and the sentence embeddings its energy needs can load."""
 
     name = 'reasoning'
     block_type = BlockType.MODULAR
@@ -607,6 +619,7 @@ class ReasoningBlock(CapabilityBlock):
     def __init__(self, engine: ReasoningEngine) -> None:
         self.engine = engine
         self.language_available = False
+        self.embedder_error = ''    # why the energy's sentence embeddings cannot load ('' = ok)
 
     @property
     def capabilities(self) -> Tuple[str, ...]:
@@ -618,7 +631,7 @@ class ReasoningBlock(CapabilityBlock):
 
     @property
     def loaded(self) -> bool:
-        return self.language_available
+        return self.language_available and not self.embedder_error
 
     def load(self) -> None:
         """Nothing to load: the language block and the model manager hold the models."""

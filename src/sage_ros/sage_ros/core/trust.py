@@ -3,8 +3,10 @@
 A result's quality combines success, latency against the goal's deadline and, for iterative
 blocks, convergence. Trust moves toward each result by `alpha`, drifts back toward a prior while
 nothing happens (old evidence fades), and never falls below a floor, so an untrusted block still
-gets enough work to earn trust back. With a `StateStore`, every update is written through and
-reloaded at start.
+gets enough work to earn trust back. With a `StateStore`, trust is reloaded at start; a block's
+trust is written through after every result, a sensor's (updated on every observation, where a
+synchronous write per observation would cost a disk flush each) at most every
+`sensor_persist_s` and on `flush`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from .params import check_ranges, tunable
 from .store import StateStore
@@ -38,6 +40,10 @@ class TrustParams:
     convergence_weight: float = tunable(
         0.2, 'Share of a successful result\'s quality that depends on convergence, for blocks '
         'that report it', 0.0, 1.0)
+    sensor_persist_s: float = tunable(
+        30.0, 'Sensor trust (updated on every observation) is written to the state file at most '
+        'this often, and at shutdown; block trust is written after every result', 0.0, 86400.0,
+        unit='s')
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -84,6 +90,8 @@ class TrustBook:
         self._store = store
         self._lock = threading.Lock()
         self._entries: Dict[str, Dict[str, float]] = {}   # key 'kind/name'
+        self._unsaved: Set[str] = set()                   # sensor keys not yet written
+        self._saved_at = now
         if store is not None:
             for key, value in store.items(_KEY_PREFIX).items():
                 if isinstance(value, dict) and isinstance(value.get('trust'), (int, float)):
@@ -129,8 +137,28 @@ class TrustBook:
             new = min(1.0, max(p.floor, new))
             e = self._entries[key] = {'trust': new, 'outcomes': outcomes + 1, 'updated': now}
             if self._store is not None:
-                self._store.put(_KEY_PREFIX + key, e)
+                if kind == KIND_SENSOR:
+                    self._unsaved.add(key)
+                    self._save(now, force=False)
+                else:
+                    self._store.put(_KEY_PREFIX + key, e)
             return new
+
+    def flush(self, now: float, force: bool = True) -> None:
+        """Write the sensor trust not yet saved (unless `force` is False and it was saved less
+        than `sensor_persist_s` ago)."""
+        with self._lock:
+            self._save(now, force)
+
+    def _save(self, now: float, force: bool) -> None:
+        elapsed = now - self._saved_at
+        if not self._unsaved or (not force and 0.0 <= elapsed < self.params.sensor_persist_s):
+            return
+        if self._store is not None:
+            for key in sorted(self._unsaved):
+                self._store.put(_KEY_PREFIX + key, self._entries[key])
+        self._unsaved.clear()
+        self._saved_at = now
 
     def entries(self, now: float) -> List[TrustEntry]:
         with self._lock:

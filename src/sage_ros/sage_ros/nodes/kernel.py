@@ -9,9 +9,10 @@ observation.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 
 import numpy as np
 from action_msgs.msg import GoalStatus
@@ -104,6 +105,10 @@ class KernelNode(Node):
                  **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self._lock = threading.RLock()    # parameter callbacks run outside the kernel's group
+        # The engine's clock: wall time at start advanced by the monotonic clock, so a wall-clock
+        # step (NTP at boot) cannot fire or stall deadlines, dwell, idle time or recharge, while
+        # circadian phase and persisted trust times stay close to wall time. Stamps stay wall.
+        self._clock_offset = time.time() - time.monotonic()
         config = self._declare_engine_parameters()
         cycle_rate_hz = declare(self, 'cycle_rate_hz', 10.0,
                                 'Kernel cycles per second (one also runs on every observation) '
@@ -126,10 +131,10 @@ class KernelNode(Node):
         path = resolve_state_file(state_file, 'kernel.db')
         try:
             store = StateStore(path) if path is not None else None
-        except OSError as exc:
-            raise ConfigError(f'state_file {str(path)!r}: {exc}') from exc
+        except (OSError, sqlite3.Error) as exc:   # a directory, unwritable, not a database
+            raise ConfigError(f'state_file {str(path)!r} cannot be used: {exc}') from None
         scorer = SnarcSalience(self._embedder, config.salience, config.weights)
-        self.core = Kernel(scorer, config, store=store, now=time.time())
+        self.core = Kernel(scorer, config, store=store, now=self._now())
         router = declare(self, 'router', 'learned',
                          'Complexity classifier that decides language vs. reasoning: "learned" '
                          '(MiniLM exemplars + features) or "keyword" (the first heuristic)',
@@ -154,7 +159,6 @@ class KernelNode(Node):
             for name, action in BLOCK_ACTIONS.items()}
         self._dispatches: Dict[int, Dispatch] = {}      # sent or being sent, not yet answered
         self._goals: Dict[int, ClientGoalHandle] = {}
-        self._cancel_on_accept: Set[int] = set()
 
         self._response_pub = self.create_publisher(Response, names.RESPONSE, RELIABLE)
         self._stream_pub = self.create_publisher(ResponseChunk, names.RESPONSE_STREAM, RELIABLE)
@@ -173,6 +177,17 @@ class KernelNode(Node):
             f'kernel ready: listening on {self.resolve_topic_name(names.TEXT_IN)}, '
             f'{self.core.state.value}, ATP {self.core.ledger.level:.0f}/'
             f'{self.core.ledger.capacity:.0f}, state in {path or "memory only"}')
+
+    def _now(self) -> float:
+        return time.monotonic() + self._clock_offset
+
+    def destroy_node(self) -> None:
+        """Write the lazily persisted state (sensor trust) before going away."""
+        core = getattr(self, 'core', None)     # absent if the constructor failed
+        if core is not None:
+            with self._lock:
+                core.flush(self._now())
+        super().destroy_node()
 
     # ---- parameters --------------------------------------------------------------------------
     def _declare_engine_parameters(self) -> KernelConfig:
@@ -237,14 +252,17 @@ class KernelNode(Node):
     @_locked
     def _on_text(self, msg: String) -> None:
         with self._lock:
-            obs = self.core.observe(TEXT_SENSOR_ID, msg.data, time.time())
-        if obs.score is not None:
-            self._publish_salience(obs.turn_id, obs.sensor_id, obs.score)
+            obs = self.core.observe(TEXT_SENSOR_ID, msg.data, self._now())
         if obs.rejection is not None:
             r = obs.rejection
             self.get_logger().warning(f'turn {r.turn_id} rejected: {r.reason}')
             self._response_pub.publish(self._rejected(r))
-        self._run_cycle(publish=True)
+        # Dispatch first: the goal is on its way before salience and state are published.
+        out = self.core.cycle(self._now())
+        self._act_on(out)
+        if obs.score is not None:
+            self._publish_salience(obs.turn_id, obs.sensor_id, obs.score)
+        self._publish_state()
 
     @_locked
     def _on_cycle_timer(self) -> None:
@@ -253,7 +271,7 @@ class KernelNode(Node):
     # ---- the cycle ---------------------------------------------------------------------------
     def _run_cycle(self, publish: bool = False) -> None:
         """One engine cycle; `state` goes out if anything changed (or `publish`)."""
-        out = self.core.cycle(time.time())
+        out = self.core.cycle(self._now())
         self._act_on(out)
         if publish or out.changed:
             self._publish_state()
@@ -283,11 +301,11 @@ class KernelNode(Node):
             self._send(d)
 
     def _cancel(self, turn: int) -> None:
+        """Cancel an accepted goal; one still being sent is cancelled when its acceptance
+        arrives, since `_finish_failed` has removed it from `_dispatches` by then."""
         handle = self._goals.pop(turn, None)
         if handle is not None:
             handle.cancel_goal_async()
-        elif turn in self._dispatches:
-            self._cancel_on_accept.add(turn)   # the goal response has not arrived yet
 
     # ---- dispatch ----------------------------------------------------------------------------
     def _send(self, d: Dispatch) -> None:
@@ -304,10 +322,10 @@ class KernelNode(Node):
         goal: Any
         if d.kind == KIND_REASONING:
             goal = Reasoning.Goal(turn_id=d.turn_id, problem=d.text,
-                                  atp_budget=float(d.atp_grant), max_steps=d.max_steps)
+                                  atp_budget=float(d.atp_budget), max_steps=d.max_steps)
         else:
             goal = Language.Goal(turn_id=d.turn_id, text=d.text, complexity=d.complexity.value,
-                                 atp_budget=float(d.atp_grant), max_new_tokens=d.max_new_tokens)
+                                 atp_budget=float(d.atp_budget), max_new_tokens=d.max_new_tokens)
         self.get_logger().info(f'turn {d.turn_id} -> {d.block.name} ({d.atp_grant:.1f} ATP, '
                                f'salience {d.salience:.2f}, {d.reason}): {d.text[:60]!r}')
         future = client.send_goal_async(
@@ -323,10 +341,6 @@ class KernelNode(Node):
             return
         if handle is None or not handle.accepted:
             self._not_started(d, f'block {d.block.name!r} refused the goal')
-            return
-        if d.turn_id in self._cancel_on_accept:
-            self._cancel_on_accept.discard(d.turn_id)
-            handle.cancel_goal_async()
             return
         self._goals[d.turn_id] = handle
         handle.get_result_async().add_done_callback(lambda f: self._on_result(d, f))
@@ -357,7 +371,7 @@ class KernelNode(Node):
         else:
             work = WorkResult(ok, completion_tokens=int(result.completion_tokens))
         with self._lock:
-            settled = self.core.complete(d.turn_id, work, time.time())
+            settled = self.core.complete(d.turn_id, work, self._now())
         charged = settled.charged if settled is not None else 0.0
         if ok:
             msg = self._response(d, Response.STATUS_OK, '', charged)
@@ -391,7 +405,7 @@ class KernelNode(Node):
 
     def _not_started(self, d: Dispatch, reason: str) -> None:
         with self._lock:
-            self.core.complete(d.turn_id, WorkResult(False, started=False), time.time())
+            self.core.complete(d.turn_id, WorkResult(False, started=False), self._now())
         self._finish_failed(d.turn_id, reason, 0.0)
         self._publish_state()
 
@@ -408,7 +422,7 @@ class KernelNode(Node):
         return Response(
             stamp=stamp(), turn_id=d.turn_id, source=d.sensor_id, input_text=d.text,
             status=status, error=error, block=d.block.name, complexity=d.complexity.value,
-            latency_s=float(time.time() - d.received_at), salience=float(d.salience),
+            latency_s=float(self._now() - d.received_at), salience=float(d.salience),
             atp_spent=float(charged), metabolic_state=d.metabolic_state)
 
     def _rejected(self, r: Rejection) -> Response:
@@ -426,7 +440,7 @@ class KernelNode(Node):
     @_locked
     def _publish_state(self) -> None:
         with self._lock:
-            snap = self.core.snapshot(time.time())
+            snap = self.core.snapshot(self._now())
             blocks = sorted(b.name for b in self.core.blocks if b.loaded)
         self._state_pub.publish(KernelState(
             stamp=stamp(), metabolic_state=snap.metabolic_state,

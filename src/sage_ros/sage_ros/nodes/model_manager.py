@@ -114,7 +114,7 @@ class ModelManagerNode(LifecycleNode):
             declare(self, m + 'dtype', 'bfloat16',
                     f'torch dtype to load with ({", ".join(DTYPE_BYTES)})')
             declare(self, m + 'device', 'cpu', 'torch device (cpu, cuda, cuda:N, mps)')
-            declare(self, m + 'max_new_tokens', 128, 'Default cap on answer length [tokens]',
+            declare(self, m + 'max_new_tokens', 128, 'Cap on answer length; a request may ask for fewer [tokens]',
                     min_value=1, max_value=100_000)
             declare(self, m + 'context_window', 2048, 'Context window [tokens]',
                     min_value=16, max_value=10_000_000)
@@ -370,6 +370,7 @@ class ModelManagerNode(LifecycleNode):
             result.error_msg = 'model manager is not configured'
             return result
         produced = [0]
+        cancel = self._cancel   # cleanup and shutdown stop goals already running, too
 
         def on_text(piece: str) -> None:
             produced[0] += 1
@@ -378,11 +379,12 @@ class ModelManagerNode(LifecycleNode):
         try:
             g = pool.generate(goal.role, [ChatTurn(m.role, m.content) for m in goal.messages],
                               max_new_tokens=goal.max_new_tokens, temperature=goal.temperature,
-                              on_text=on_text, should_stop=lambda: gh.is_cancel_requested,
+                              on_text=on_text,
+                              should_stop=lambda: gh.is_cancel_requested or cancel.is_set(),
                               complexity=goal.complexity or None)
         except Exception as exc:  # every failure becomes a result code, never a dead node
             result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
-            if result.error_code == result.CANCELLED:
+            if result.error_code == result.CANCELLED and gh.is_cancel_requested:
                 gh.canceled()
             else:
                 self.get_logger().error(f'generate failed: {exc}')
@@ -421,6 +423,7 @@ class ModelManagerNode(LifecycleNode):
             result.error_msg = 'model manager is not configured'
             return result
         t0 = time.monotonic()
+        cancel = self._cancel
         last: Dict[str, Any] = {'stage': '', 'fraction': -1.0}
 
         def progress(p: LoadProgress) -> None:
@@ -435,10 +438,11 @@ class ModelManagerNode(LifecycleNode):
 
         try:
             entry = pool.load(goal.role, reason=goal.reason or 'swap request', progress=progress,
-                              should_stop=lambda: gh.is_cancel_requested, retry_failed=True)
+                              should_stop=lambda: gh.is_cancel_requested or cancel.is_set(),
+                              retry_failed=True)
         except Exception as exc:
             result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
-            if result.error_code == result.CANCELLED:
+            if result.error_code == result.CANCELLED and gh.is_cancel_requested:
                 gh.canceled()
             else:
                 self.get_logger().error(f'swap failed: {exc}')

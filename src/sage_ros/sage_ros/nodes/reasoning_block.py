@@ -20,6 +20,7 @@ from sage_interfaces.action import Language, Reasoning
 from sage_interfaces.msg import BlockDescription
 
 from .. import names
+from ..core.embeddings import EmbeddingError, minilm_path
 from ..core.reasoning import (HaltReason, InvalidProblem, LanguageCancelled, LanguageFailed,
                               LanguageReply, LanguageRequest, ReasoningBlock, ReasoningEngine,
                               ReasoningParams, StepRecord, StopFn)
@@ -135,7 +136,9 @@ PARAMETERS: Tuple[Tuple[str, str, str, Optional[float], Optional[float]], ...] =
 def declare_params(node: Node) -> ReasoningParams:
     """Every engine constant as a parameter with a descriptor; errors name the parameter."""
     defaults = ReasoningParams()
-    values = {f: declare(node, name, getattr(defaults, f), desc, min_value=lo, max_value=hi)
+    # Read once into the engine at start-up: read-only, so `ros2 param set` cannot pretend.
+    values = {f: declare(node, name, getattr(defaults, f), desc, read_only=True, min_value=lo,
+                         max_value=hi)
               for f, name, desc, lo, hi in PARAMETERS}
     try:
         return ReasoningParams(**values)
@@ -154,21 +157,27 @@ class ReasoningBlockNode(Node):
         params = declare_params(self)
         self._cancel_wait_s = declare(self, 'cancel_wait_s', 2.0,
                                       'How long a cancelled step waits for the language block '
-                                      'to confirm [s]', min_value=0.0, max_value=60.0)
+                                      'to confirm [s]', read_only=True, min_value=0.0,
+                                      max_value=60.0)
         self._language = LanguageClient(
             self,
             server_wait_s=declare(self, 'language_wait_s', 10.0,
                                   'How long to wait for the language block per step [s]',
-                                  min_value=0.0, max_value=3600.0),
+                                  read_only=True, min_value=0.0, max_value=3600.0),
             timeout_s=declare(self, 'language_timeout_s', 300.0,
-                              'Longest one language step may take [s]', min_value=1.0,
-                              max_value=86400.0),
+                              'Longest one language step may take [s]', read_only=True,
+                              min_value=1.0, max_value=86400.0),
             cancel_wait_s=self._cancel_wait_s)
         availability_period_s = declare(self, 'availability_period_s', 2.0,
                                         'How often the language block\'s reachability is checked '
-                                        '[s]', min_value=0.05, max_value=3600.0)
+                                        '[s]', read_only=True, min_value=0.05, max_value=3600.0)
         self.engine = ReasoningEngine(self._language, params)
         self.block = ReasoningBlock(self.engine)
+        try:
+            minilm_path()     # the energy is measured with MiniLM sentence embeddings
+        except EmbeddingError as exc:
+            self.block.embedder_error = str(exc)
+            self.get_logger().error(f'reasoning unavailable (advertised not loaded): {exc}')
         self._stopping = threading.Event()
         self._running = 0                        # goals being executed
         self._running_changed = threading.Condition()
@@ -201,6 +210,8 @@ class ReasoningBlockNode(Node):
         if ready != self.block.language_available:
             self.block.language_available = ready
             self._publish_description()
+            if self.block.embedder_error:
+                return    # said once at start: reasoning stays unavailable
             self.get_logger().info('language block reachable: reasoning available' if ready else
                                    'language block unreachable: reasoning unavailable')
 
@@ -217,6 +228,13 @@ class ReasoningBlockNode(Node):
     def _reason(self, gh: ServerGoalHandle) -> Reasoning.Result:
         goal: Reasoning.Goal = gh.request
         result = Reasoning.Result()
+        if self.block.embedder_error:
+            self.get_logger().error(f'turn {goal.turn_id}: reasoning unavailable: '
+                                    f'{self.block.embedder_error}')
+            gh.abort()
+            result.error_code = result.FAILED
+            result.error_msg = f'reasoning unavailable: {self.block.embedder_error}'
+            return result
         try:
             state = self.engine.init_state(goal.problem, goal.atp_budget, goal.max_steps,
                                            goal.turn_id)

@@ -5,6 +5,7 @@ the scenario tests use MiniLM."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -26,6 +27,7 @@ from conftest import params_for
 from sage_ros import graph, names
 from sage_ros.cli.graph_runner import GraphError, context_args, create_nodes
 from sage_ros.core.metabolism import MetabolicState
+from sage_ros.core.trust import KIND_SENSOR
 from sage_ros.nodes.common import LATCHED, RELIABLE
 from sage_ros.nodes.kernel import KernelNode
 from node_harness import Harness, wait_for
@@ -113,7 +115,11 @@ def test_complex_salient_requests_go_to_the_reasoning_action(
     assert len(reasoning.requests) == 1 and len(language.requests) == 1
     goal = reasoning.requests[0]
     assert goal.turn_id == 1 and goal.problem == 'Design a charging schedule for three robots'
-    assert goal.atp_budget > 0 and goal.max_steps == 0
+    # The 30 ATP grant less the run the kernel charges itself: reported + run <= grant.
+    assert goal.atp_budget == pytest.approx(29.0) and goal.max_steps == 0
+    # A language goal's answer is always capped by what its grant pays for.
+    assert language.requests[0].max_new_tokens == 128
+    assert language.requests[0].atp_budget == pytest.approx(128 * 0.05)
     assert r1.status == Response.STATUS_OK and r1.block == 'reasoning'
     assert r1.text == 'reasoned: Design a charging schedule for three robots'
     assert r1.complexity == 'complex' and r1.atp_spent == pytest.approx(5.0)  # run + reported
@@ -238,12 +244,17 @@ def test_trust_and_learned_weights_persist_across_a_restart(
     before = h.node(KernelNode)
     assert isinstance(before, KernelNode)
     weights = before.core.scorer.weights
+    defaults = before.core.config.weights.normalised()
+    assert max(abs(a - b) for a, b in zip(weights, defaults)) > 1e-4   # something was learned
+    sensor = before.core.trust.get('text', KIND_SENSOR)
     h.close()
     again = harness((graph.KERNEL,), **overrides).node(KernelNode)
     assert isinstance(again, KernelNode)
     assert again.core.trust.get('language') > 0.5
     assert again.core.scorer.weights == pytest.approx(weights)
-    assert db.is_file()
+    # Sensor trust is saved lazily, and at the latest when the node is destroyed.
+    assert again.core.trust.get('text', KIND_SENSOR) == pytest.approx(sensor)
+    assert sensor > 0.5 and db.is_file()
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -260,6 +271,30 @@ def test_a_bad_parameters_file_is_one_clear_error(tiny_models: Dict[str, Any], t
     rclpy.init(args=context_args(names.DEFAULT_NAMESPACE, pf), context=context)
     try:
         with pytest.raises(GraphError, match=message):
+            create_nodes((graph.KERNEL,), context)
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+@pytest.mark.parametrize('unusable', ['a directory', 'not a database', 'under a file'])
+def test_an_unusable_state_file_is_one_clear_error(tiny_models: Dict[str, Any], tmp_path: Path,
+                                                   unusable: str) -> None:
+    target = tmp_path / 'state'
+    if unusable == 'a directory':
+        target.mkdir()
+    elif unusable == 'not a database':
+        target.write_text('these are not the bytes of an sqlite file\n' * 100)
+    else:
+        target.write_text('a file')
+        target = target / 'kernel.db'
+    pf = tmp_path / 'bad.yaml'
+    pf.write_text(yaml.safe_dump(params_for(tiny_models, **{'kernel:state_file': str(target),
+                                                            'kernel:salience.text_embedder':
+                                                            'ngram'})))
+    context = Context()
+    rclpy.init(args=context_args(names.DEFAULT_NAMESPACE, pf), context=context)
+    try:
+        with pytest.raises(GraphError, match=re.escape(f"state_file '{target}' cannot be used")):
             create_nodes((graph.KERNEL,), context)
     finally:
         rclpy.try_shutdown(context=context)

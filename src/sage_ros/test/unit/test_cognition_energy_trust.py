@@ -110,11 +110,30 @@ def test_trust_survives_a_restart_through_the_state_store(tmp_path: Path) -> Non
     book = TrustBook(TrustParams(alpha=0.5, half_life_s=0.0), store)
     book.record('language', KIND_BLOCK, Result(True), 10.0)
     book.record('text', KIND_SENSOR, Result(False), 10.0)
+    book.flush(10.0)                       # what the kernel node does at shutdown
     store.close()
     again = TrustBook(TrustParams(half_life_s=0.0), StateStore(tmp_path / 'kernel.db'))
     assert again.get('language', KIND_BLOCK) == 0.75
     assert again.get('text', KIND_SENSOR) == 0.25
     assert {(e.name, e.outcomes) for e in again.entries(10.0)} == {('language', 1), ('text', 1)}
+
+
+def test_sensor_trust_is_written_at_most_every_sensor_persist_s(tmp_path: Path) -> None:
+    """A sensor's trust changes on every observation: writing (and fsyncing) each one would put
+    a disk flush on the observation path, so it is saved lazily; block trust at once."""
+    store = StateStore(tmp_path / 'kernel.db')
+    book = TrustBook(TrustParams(alpha=0.5, half_life_s=0.0, sensor_persist_s=30.0), store)
+    book.record('language', KIND_BLOCK, Result(True), 1.0)
+    book.record('text', KIND_SENSOR, Result(False), 1.0)
+    assert set(store.items('trust/')) == {'block/language'}
+    book.flush(20.0, force=False)                       # not due yet
+    assert set(store.items('trust/')) == {'block/language'}
+    book.record('text', KIND_SENSOR, Result(False), 31.0)   # due: written with this record
+    assert store.items('trust/')['sensor/text']['outcomes'] == 2
+    book.record('text', KIND_SENSOR, Result(True), 32.0)
+    assert store.items('trust/')['sensor/text']['outcomes'] == 2
+    book.flush(32.0)                                      # forced (shutdown)
+    assert store.items('trust/')['sensor/text']['outcomes'] == 3
 
 
 def test_trust_parameters_are_documented_and_checked() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from sage_ros.core.kernel import KernelConfig, config_with
 from sage_ros.core.metabolism import (DEFAULT_POLICIES, MetabolicController, MetabolicInputs,
                                       MetabolicParams, MetabolicState, StatePolicy, check_policies,
                                       thresholds)
@@ -75,6 +76,23 @@ def test_rest_goes_to_dream_when_rested_and_idle() -> None:
     c = ctl(S.REST)
     assert step(c, 29.0, 0.5) is S.REST          # above dream_min_atp, below wake_enter
     assert step(c, 31.0, 0.5) is S.DREAM and 'rested' in c.reason
+
+
+def test_a_rested_idle_kernel_dreams_rather_than_wakes() -> None:
+    """REST tests idleness before recovered ATP, else its fast recharge woke it first and
+    REST -> DREAM never fired."""
+    c = ctl(S.REST)
+    assert step(c, 31.0, 0.9) is S.DREAM and 'rested and idle for 31 s' in c.reason
+    early = ctl(S.REST)
+    assert step(early, 29.0, 0.9) is S.WAKE and 'recovered' in early.reason
+
+
+def test_rest_counts_idle_time_not_time_in_the_state() -> None:
+    c = ctl(S.REST)
+    for t in range(2, 26, 2):                       # 24 s in REST, busy with deferred work
+        assert step(c, float(t), 0.5, sal=0.3, load=1) is S.REST
+    assert step(c, 40.0, 0.5) is S.REST              # 40 s in REST, idle for 16 s
+    assert step(c, 55.0, 0.5) is S.DREAM and 'idle for 31 s' in c.reason
 
 
 def test_dream_ends_after_its_duration() -> None:
@@ -254,7 +272,10 @@ def test_bug_recovery_states_without_recharge_were_traps() -> None:
 
 def test_bug_state_names_compared_case_sensitively() -> None:
     """Prototype bug: the LLM pool compared 'focus' with 'FOCUS' and never applied its state
-    bonus. Here state names parse case-insensitively and unknown ones are an error."""
-    assert MetabolicState.parse(' focus ') is S.FOCUS
-    with pytest.raises(ValueError, match='unknown metabolic state'):
-        MetabolicState.parse('sleep')
+    bonus. Here the state a parameter names ('states.<state>.<field>') is parsed
+    case-insensitively, and an unknown one is an error that lists the states."""
+    cfg = config_with(KernelConfig(), {'states.Focus.max_targets': 2,
+                                       'states.REST.min_salience': 0.4})
+    assert cfg.states[S.FOCUS].max_targets == 2 and cfg.states[S.REST].min_salience == 0.4
+    with pytest.raises(ValueError, match="unknown metabolic state 'sleep'; expected one of WAKE"):
+        config_with(KernelConfig(), {'states.sleep.max_targets': 1})

@@ -99,7 +99,8 @@ def test_text_is_sanitised_scored_and_dispatched_with_budget_deadline_and_comple
                                                          KIND_LANGUAGE)
     assert d.complexity is Complexity.COMPLEX and 'no reasoning block' in d.reason
     assert d.atp_grant == pytest.approx(1.0 + 128 * 0.05)   # what one answer needs
-    assert d.max_new_tokens == 0 and d.deadline == 300.0
+    assert d.atp_budget == pytest.approx(128 * 0.05)        # the run's own charge is the kernel's
+    assert d.max_new_tokens == 128 and d.deadline == 300.0  # always bounded by the grant
     snap = k.snapshot(0.0)
     assert snap.active_dispatches == 1 and snap.atp_reserved == pytest.approx(d.atp_grant)
 
@@ -171,6 +172,19 @@ def test_a_waiting_observation_expires_with_its_reason() -> None:
     assert k.snapshot(6.0).rejected_total == 1
 
 
+def test_a_waiting_observation_expires_with_the_atp_short_reason() -> None:
+    k = kernel(deferred_ttl_s=5.0, atp__min_grant=40.0)     # WAKE's pool: 30 % of 100 ATP
+    obs = k.observe('text', 'hello', 0.0)
+    assert k.cycle(0.0).deferred == ((obs.turn_id, 'ATP short: a goal needs 40.0 ATP and WAKE '
+                                      'grants 30% of the available ATP per cycle'),)
+    assert k.cycle(4.9).expired == ()
+    (expired,) = k.cycle(5.0).expired
+    assert expired.turn_id == obs.turn_id and expired.reason == (
+        'expired after waiting 5 s: ATP short: a goal needs 40.0 ATP and WAKE grants 30% of the '
+        'available ATP per cycle')
+    assert k.snapshot(5.0).rejected_total == 1 and k.pending == {}
+
+
 def test_completion_charges_work_done_refunds_the_rest_and_learns() -> None:
     k = kernel(atp__per_token=0.5, trust__alpha=0.5)
     d = serve(k, 'hello', 0.0)
@@ -190,6 +204,16 @@ def test_bug_the_allocation_was_charged_before_knowing_the_block_exists() -> Non
     assert s is not None and s.charged == 0.0 and s.refunded == d.atp_grant
     assert k.ledger.level == k.ledger.capacity
     assert k.scorer.outcomes == []     # type: ignore[attr-defined]  # nothing to learn from
+
+
+def test_a_goal_that_never_started_neither_lowers_trust_nor_counts_toward_a_crisis() -> None:
+    k = kernel(metabolism__crisis_after_failures=2)
+    for i in range(3):                      # e.g. the block's action server is not reachable
+        d = serve(k, f'hello {i}', float(i))
+        s = k.complete(d.turn_id, WorkResult(False, started=False), float(i) + 0.1)
+        assert s is not None and s.trust == k.config.trust.prior
+    k.cycle(3.0)
+    assert k.state is S.WAKE and k.trust.get('language') == k.config.trust.prior
 
 
 def test_token_cap_follows_a_grant_smaller_than_an_answer_needs() -> None:
@@ -240,6 +264,35 @@ def test_bug_a_state_with_no_targets_still_served_one() -> None:
     assert [d.text for d in out.dispatches] == ['hey!', 'whisper']
 
 
+def test_with_the_default_config_a_drained_kernel_rests_dreams_and_wakes() -> None:
+    """Every default, circadian clock included, at noon (when REST wakes soonest and dreams
+    latest): chat drains ATP into REST; once idle, REST dreams before it would wake; the dream
+    runs its course and ends in WAKE. Results settle and cycles run as the node runs them."""
+    reg = BlockRegistry()
+    reg.update(block())
+    noon = 12 * 3600.0
+    k = Kernel(TableScorer(), KernelConfig(), reg, now=noon)
+    now, n = noon, 0
+    while k.state is S.WAKE:
+        n += 1
+        assert n < 100, 'chat never drained ATP'
+        k.observe('text', f'chat {n}', now)
+        for d in k.cycle(now).dispatches:
+            k.complete(d.turn_id, WorkResult(True, completion_tokens=d.max_new_tokens), now + 0.5)
+        k.cycle(now + 0.5)
+        now += 1.0
+    assert k.state is S.REST and k.pending == {} and k.ledger.fraction < 0.3
+    while now < noon + 1000.0 and k.state is not S.WAKE:
+        k.cycle(now)
+        now += 1.0
+    path = [(t.source, t.target) for t in k.metabolism.history]
+    assert path == [(S.WAKE, S.REST), (S.REST, S.DREAM), (S.DREAM, S.WAKE)]
+    rest, dream, wake = k.metabolism.history
+    assert 'rested and idle' in dream.reason and dream.at - rest.at < 30.0
+    assert 'dream complete' in wake.reason and wake.at - dream.at == pytest.approx(300.0, abs=1)
+    assert k.ledger.level == k.ledger.capacity
+
+
 def test_crisis_serves_only_the_most_salient_target() -> None:
     k = kernel({'low': 0.2, 'high': 0.9, 'mid': 0.5}, metabolism__min_dwell_s=100.0)
     drain_to(k, 8.0, 0.0)
@@ -268,6 +321,21 @@ def test_entering_crisis_keeps_only_the_most_salient_running_goal() -> None:
     assert k.state is S.CRISIS and list(k.active) == [2]
     assert sorted(p.turn_id for p in out.preemptions) == [1, 3]
     assert all(p.by_turn == 2 and 'CRISIS serves 1 at once' in p.reason for p in out.preemptions)
+    reasons = {p.turn_id: p.reason for p in out.preemptions}   # the kept goal's salience first
+    assert reasons[1].startswith('preempted by turn 2 (salience 0.50 vs 0.30;')
+    assert reasons[3].startswith('preempted by turn 2 (salience 0.50 vs 0.20;')
+
+
+def test_a_state_that_serves_no_goal_cancels_all_without_naming_a_preempter() -> None:
+    k = kernel({'a': 0.3}, states__crisis__max_targets=0, metabolism__crisis_after_failures=1)
+    a = serve(k, 'a', 0.0)
+    b = serve(k, 'b', 0.0)
+    k.complete(b.turn_id, WorkResult(False), 0.1)
+    out = k.cycle(0.1)
+    assert k.state is S.CRISIS and k.active == {}
+    (p,) = out.preemptions
+    assert p.turn_id == a.turn_id and p.by_turn == 0 and 'turn 0' not in p.reason
+    assert p.reason.startswith('preempted (salience 0.30; CRISIS serves 0 at once')
 
 
 def test_focus_preempts_a_lower_salience_goal_that_holds_the_block() -> None:
@@ -320,6 +388,29 @@ def test_stuck_goals_time_out_and_repeated_failures_raise_a_crisis() -> None:
     assert k.trust.get('language') < k.config.trust.prior
 
 
+def test_after_a_failure_crisis_one_more_failure_does_not_bring_it_back() -> None:
+    k = kernel(metabolism__crisis_after_failures=2, metabolism__crisis_failure_hold_s=5.0)
+    for i in range(2):
+        d = serve(k, f'q{i}', 0.0)
+        k.complete(d.turn_id, WorkResult(False), 0.1)
+    k.cycle(0.2)
+    assert k.state is S.CRISIS
+    k.cycle(5.0)
+    assert k.state is S.CRISIS                      # held for crisis_failure_hold_s
+    k.cycle(5.2)
+    assert k.state is S.REST and 'recovered' in k.metabolism.reason
+    k.cycle(5.3)
+    assert k.state is S.WAKE
+    d = serve(k, 'q2', 6.0)
+    k.complete(d.turn_id, WorkResult(False), 6.1)
+    k.cycle(6.2)
+    assert k.state is S.WAKE                        # one failure, not the third in a row
+    d = serve(k, 'q3', 7.0)
+    k.complete(d.turn_id, WorkResult(False), 7.1)
+    k.cycle(7.2)
+    assert k.state is S.CRISIS and '2 consecutive failed goals' in k.metabolism.reason
+
+
 # ---- routing -------------------------------------------------------------------------------
 def reasoning_kernel(**changes: Any) -> Kernel:
     def complexity(text: str) -> Complexity:
@@ -335,8 +426,14 @@ def test_complex_salient_requests_go_to_reasoning_when_atp_allows() -> None:
     d = serve(k, 'plan a party', 0.0)
     assert (d.kind, d.block.name, d.max_steps) == (KIND_REASONING, 'reasoning', 7)
     assert d.atp_grant == pytest.approx(30.0) and d.deadline == 600.0
+    assert d.atp_budget == pytest.approx(29.0)       # the grant less the run the kernel charges
     s = k.complete(d.turn_id, WorkResult(True, atp_reported=12.5, converged=True), 5.0)
     assert s is not None and s.charged == pytest.approx(13.5)   # one run + what it reported
+    # A block that spends its whole budget costs exactly the grant: nothing beyond it.
+    d = serve(k, 'plan a party', 6.0)
+    s = k.complete(d.turn_id, WorkResult(True, atp_reported=d.atp_budget), 7.0)
+    assert s is not None and s.charged == pytest.approx(d.atp_grant) and s.refunded == 0.0
+    assert k.ledger.unpaid_total == 0.0
 
 
 @pytest.mark.parametrize('changes, text, why', [
@@ -405,6 +502,8 @@ def test_learned_weights_and_trust_survive_a_restart(tmp_path: Path) -> None:
         d = serve(k, f'a new thing number {i}', float(i))
         k.complete(d.turn_id, WorkResult(True, 4), float(i) + 0.5)
     learned = k.scorer.weights
+    defaults = SnarcSalience(ngram_embedder()).weights
+    assert max(abs(a - b) for a, b in zip(learned, defaults)) > 1e-3   # something was learned
     store.close()
     again = Kernel(SnarcSalience(ngram_embedder()), config(), store=StateStore(
         tmp_path / 'kernel.db'))

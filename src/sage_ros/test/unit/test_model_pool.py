@@ -286,3 +286,67 @@ def test_weights_are_read_ahead_with_or_without_sendfile(
         raise OSError('not supported')
     monkeypatch.setattr(os, 'sendfile', no_sendfile)
     assert sum(read_through_page_cache(file, 50_000)) == size
+
+
+def _rewrite_header(path: Path, edit: object) -> None:
+    """Rewrite a safetensors header in place with `edit(header)` applied (types garbled)."""
+    import json
+    import struct
+    raw = path.read_bytes()
+    n = struct.unpack('<Q', raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)  # type: ignore[operator]
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack('<Q', len(new)) + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize('garble', ['offsets', 'dtype'])
+def test_a_header_with_garbled_types_falls_back(tmp_path: Path, tiny_models: Dict[str, Path],
+                                                garble: str) -> None:
+    bad = tmp_path / 'bad'
+    shutil.copytree(tiny_models['large'], bad)
+
+    def edit(header: Dict[str, object]) -> None:
+        name = next(k for k in header if k != '__metadata__')
+        entry = header[name]
+        assert isinstance(entry, dict)
+        if garble == 'offsets':
+            entry['data_offsets'] = [str(x) + 'x' for x in entry['data_offsets']]
+        else:
+            entry['dtype'] = [entry['dtype']]
+    _rewrite_header(bad / 'model.safetensors', edit)
+    with pytest.raises(LoadError, match='corrupt'):
+        inspect_weights(spec('large', bad))
+    p = two_roles(tiny_models, large=bad, policy=SwapPolicy(PolicyConfig(substitute=False)))
+    g = p.generate('large', HELLO)
+    assert g.role == 'small' and g.decision == 'fallback' and 'corrupt' in g.fallback
+
+
+def test_a_failing_stream_consumer_stops_the_generation_before_the_lock_is_free(
+        tiny_models: Dict[str, Path]) -> None:
+    p = ModelPool({'small': spec('small', tiny_models['small'], max_new_tokens=64)}, 'small')
+
+    def explode(piece: str) -> None:
+        raise RuntimeError('the consumer went away')
+    with pytest.raises(RuntimeError, match='went away'):
+        p.generate('small', HELLO, on_text=explode)
+    ref = weakref.ref(p.loaded()[0].model)
+    assert p.unload('small')    # raises if a generation still held the model
+    assert ref() is None
+    p.load('small')
+    assert p.generate('small', HELLO, max_new_tokens=2).completion_tokens == 2
+
+
+def test_a_cancel_after_eviction_still_leaves_a_model_resident(
+        tiny_models: Dict[str, Path]) -> None:
+    p = two_roles(tiny_models, policy=SwapPolicy(PolicyConfig(substitute=False)))
+    p.load('small')
+    evicted = {'done': False}
+
+    def progress(step: LoadProgress) -> None:
+        if step.stage == 'unloading':
+            evicted['done'] = True
+    # Cancel requested from the moment the small model is evicted: the large load completes.
+    entry = p.load('large', progress=progress, should_stop=lambda: evicted['done'])
+    assert evicted['done'], 'the eviction was not reported'
+    assert entry.spec.role == 'large' and p.is_loaded('large') and not p.is_loaded('small')
