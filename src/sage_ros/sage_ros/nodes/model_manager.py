@@ -114,7 +114,8 @@ class ModelManagerNode(LifecycleNode):
             declare(self, m + 'dtype', 'bfloat16',
                     f'torch dtype to load with ({", ".join(DTYPE_BYTES)})')
             declare(self, m + 'device', 'cpu', 'torch device (cpu, cuda, cuda:N, mps)')
-            declare(self, m + 'max_new_tokens', 128, 'Cap on answer length; a request may ask for fewer [tokens]',
+            declare(self, m + 'max_new_tokens', 128,
+                    'Cap on answer length; a request may ask for fewer [tokens]',
                     min_value=1, max_value=100_000)
             declare(self, m + 'context_window', 2048, 'Context window [tokens]',
                     min_value=16, max_value=10_000_000)
