@@ -71,4 +71,11 @@ def send_goal(client: ActionClient, goal: object, timeout: float = 60.0
         return False, None, feedback
     res = handle.get_result_async()
     wait_for(res.done, timeout, 'result')
+    # Feedback and result travel on separate channels: feedback published before the result
+    # may still be on its way. Take the feedback once nothing new has come for a moment.
+    settled_at, count = time.monotonic(), len(feedback)
+    while time.monotonic() - settled_at < 0.3:
+        time.sleep(0.02)
+        if len(feedback) != count:
+            settled_at, count = time.monotonic(), len(feedback)
     return True, res.result().result, feedback
