@@ -13,6 +13,9 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from ..core.embeddings import EmbeddingError
+from ..core.routing import Complexity, DatasetError, complexity_classifier, estimate_complexity
+
 # Latest value kept for late joiners (state, status, descriptions).
 LATCHED = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                      reliability=ReliabilityPolicy.RELIABLE,
@@ -46,6 +49,26 @@ def declare(node: Node, name: str, default: Any, description: str, *,
             desc.floating_point_range = [FloatingPointRange(from_value=float(min_value),
                                                             to_value=float(max_value), step=0.0)]
     return node.declare_parameter(name, default, desc).value
+
+
+def declare_router(node: Node, purpose: str) -> Callable[[str], Complexity]:
+    """The node's `router` parameter: its complexity classifier, built now (the learned one
+    takes seconds to train); the keyword heuristic, with a warning, if MiniLM or the labelled
+    prompts are missing."""
+    name = declare(node, 'router', 'learned',
+                   f'Complexity classifier {purpose}: "learned" (MiniLM exemplars + features) or '
+                   '"keyword" (the first heuristic)', read_only=True)
+    t0 = time.monotonic()
+    try:
+        classify = complexity_classifier(name)
+    except ValueError as exc:
+        raise ConfigError(f'parameter router: {exc}') from exc
+    except (EmbeddingError, DatasetError) as exc:
+        node.get_logger().warning(f'learned complexity router unavailable ({exc}); '
+                                  'using the keyword heuristic')
+        return estimate_complexity
+    node.get_logger().info(f'complexity router {name!r} ready in {time.monotonic() - t0:.1f} s')
+    return classify
 
 
 def stamp(t: Optional[float] = None) -> Time:

@@ -36,10 +36,11 @@ from ..core.kernel import (ACTION_LANGUAGE, ACTION_REASONING, KIND_REASONING, Cy
                            Dispatch, Kernel, KernelConfig, Rejection, WorkResult, config_params,
                            config_with)
 from ..core.metabolism import NONE, MetabolicState
-from ..core.routing import Complexity, DatasetError, complexity_classifier, estimate_complexity
+from ..core.routing import Complexity
 from ..core.salience import SalienceScore, SnarcSalience, ngram_embedder
 from ..core.store import StateStore, resolve_state_file
-from .common import LATCHED, LATCHED_MANY, RELIABLE, ConfigError, declare, run_node, stamp
+from .common import (LATCHED, LATCHED_MANY, RELIABLE, ConfigError, declare, declare_router,
+                     run_node, stamp)
 
 TEXT_SENSOR_ID = 'text'
 # Every block action of the contract and its type; the kernel is the client of all of them.
@@ -135,19 +136,8 @@ class KernelNode(Node):
             raise ConfigError(f'state_file {str(path)!r} cannot be used: {exc}') from None
         scorer = SnarcSalience(self._embedder, config.salience, config.weights)
         self.core = Kernel(scorer, config, store=store, now=self._now())
-        router = declare(self, 'router', 'learned',
-                         'Complexity classifier that decides language vs. reasoning: "learned" '
-                         '(MiniLM exemplars + features) or "keyword" (the first heuristic)',
-                         read_only=True)
         if complexity is None:
-            try:
-                complexity = complexity_classifier(router)
-            except ValueError as exc:
-                raise ConfigError(f'kernel parameter router: {exc}') from exc
-            except (EmbeddingError, DatasetError) as exc:
-                self.get_logger().warning(f'learned complexity router unavailable ({exc}); '
-                                          'using the keyword heuristic')
-                complexity = estimate_complexity
+            complexity = declare_router(self, 'that decides language vs. reasoning')
         self.core.complexity = complexity
         self._embedder.warm_up()
 

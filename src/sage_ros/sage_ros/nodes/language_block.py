@@ -19,10 +19,8 @@ from .. import names
 from ..core.conversation import DEFAULT_SYSTEM_PROMPT, ChatTurn, Conversation
 from ..core.language import LanguageBlock
 from ..core.models import Cancelled, GenerationResult, ModelError, StopFn, TextFn
-from ..core.embeddings import EmbeddingError
-from ..core.routing import (Complexity, DatasetError, RoleMap, complexity_classifier,
-                            estimate_complexity)
-from .common import LATCHED, ConfigError, declare, run_node, stamp
+from ..core.routing import Complexity, RoleMap
+from .common import LATCHED, ConfigError, declare, declare_router, run_node, stamp
 
 
 class ModelManagerClient:
@@ -111,21 +109,7 @@ class LanguageBlockNode(Node):
             timeout_s=declare(self, 'generate_timeout_s', 300.0,
                               'Longest a generation may take [s]', min_value=1.0,
                               max_value=86400.0))
-        router = declare(self, 'router', 'learned',
-                         'Complexity classifier for turns that arrive without one: "learned" '
-                         '(MiniLM exemplars + features) or "keyword" (the first heuristic)',
-                         read_only=True)
-        t0 = time.monotonic()
-        try:
-            classify = complexity_classifier(router)
-        except ValueError as exc:
-            raise ConfigError(f'language block parameter router: {exc}') from exc
-        except (EmbeddingError, DatasetError) as exc:
-            self.get_logger().warning(f'learned complexity router unavailable ({exc}); '
-                                      'using the keyword heuristic')
-            classify = estimate_complexity
-        self.get_logger().info(f'complexity router {router!r} ready in '
-                               f'{time.monotonic() - t0:.1f} s')
+        classify = declare_router(self, 'for turns that arrive without one')
         self.block = LanguageBlock(generator, conversation, roles, max_new_tokens, temperature,
                                    classify)
         self._turn_lock = threading.Lock()  # one conversation: turns are answered in order

@@ -83,6 +83,8 @@ def test_invalid_parameter_value_is_one_line(tmp_path: Path, tiny_models: Dict[s
     pf = tmp_path / 'bad.yaml'
     pf.write_text(yaml.safe_dump(params_for(tiny_models, **{'text_sensor:source': 'carrier pigeon'})))
     one_clear_line(run('up', '--params-file', str(pf)), "source='carrier pigeon'")
+    pf.write_text(yaml.safe_dump(params_for(tiny_models, **{'language_block:router': 'oracle'})))
+    one_clear_line(run('up', '--params-file', str(pf)), "unknown router 'oracle'")
 
 
 @pytest.mark.slow
