@@ -170,6 +170,7 @@ class SwapPolicy:
     def __init__(self, config: Optional[PolicyConfig] = None) -> None:
         self.config = config or PolicyConfig()
         self.streak = 0.0
+        self.streak_role = ''                   # the role the current streak asks for
         self.load_s: Dict[str, float] = {}      # [s] per role, smoothed load duration
         self.generate_s: Dict[str, float] = {}  # [s] per role, smoothed duration of one answer
 
@@ -210,6 +211,8 @@ class SwapPolicy:
                                 f'{plan.reason}; answered with resident {stand_in.role!r}')
             return Decision(Action.REFUSE, requested.role, requested.role, (), plan.reason)
         if stand_in is not None and complexity != 'complex':
+            if self.streak_role != requested.role:   # a streak counts requests for one role
+                self.streak, self.streak_role = 0.0, requested.role
             self.streak += STREAK_WEIGHT.get(complexity or 'simple', 1.0)
             why_keep = self._reason_to_keep(requested, stand_in, now)
             if why_keep:

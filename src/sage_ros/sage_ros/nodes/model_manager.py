@@ -69,6 +69,8 @@ class ModelManagerNode(LifecycleNode):
         self._state_label = 'unconfigured'
         self._error = ''                       # configuration error ('' if none)
         self._cancel = threading.Event()       # set to cancel the loader thread's current job
+        self._goals_lock = threading.Lock()
+        self._goals_in_flight = 0              # generate and swap goals accepted, not yet done
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='model-loader')
         # Called at every step of every load (the loader thread's or a goal's); tests use it to
         # hold a load open.
@@ -88,11 +90,11 @@ class ModelManagerNode(LifecycleNode):
         self._status_pub = self.create_publisher(ModelStatus, names.MODELS_STATUS, LATCHED)
         group = ReentrantCallbackGroup()
         self._generate = ActionServer(
-            self, Generate, names.MODEL_GENERATE, execute_callback=self._execute_generate,
+            self, Generate, names.MODEL_GENERATE, execute_callback=self._counted(self._execute_generate),
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
             callback_group=group)
         self._swap = ActionServer(
-            self, SwapModel, names.MODEL_SWAP, execute_callback=self._execute_swap,
+            self, SwapModel, names.MODEL_SWAP, execute_callback=self._counted(self._execute_swap),
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
             callback_group=group)
         self._publish_status()
@@ -154,6 +156,9 @@ class ModelManagerNode(LifecycleNode):
                 max_value=1 << 20)
         declare(self, 'history_size', 20, 'Swaps listed in models/status', read_only=True,
                 min_value=1, max_value=1000)
+        declare(self, 'max_goals', 4,
+                'Generate and swap goals running or waiting at once; more are refused',
+                min_value=1, max_value=64)
         declare(self, 'state_file', '',
                 "Swap history database; '' = <state dir>/model_manager.db, 'none' = not kept",
                 read_only=True)
@@ -359,7 +364,25 @@ class ModelManagerNode(LifecycleNode):
         if not self._active or self.pool is None:
             self.get_logger().warning('goal refused: model manager is not active')
             return GoalResponse.REJECT
+        with self._goals_lock:
+            # Each goal holds an executor thread while it waits for the model: a cap keeps
+            # threads free for the lifecycle and parameter services.
+            if self._goals_in_flight >= self._p('max_goals'):
+                self.get_logger().warning(f'goal refused: {self._goals_in_flight} goals already '
+                                          'running or waiting (max_goals)')
+                return GoalResponse.REJECT
+            self._goals_in_flight += 1
         return GoalResponse.ACCEPT
+
+    def _counted(self, execute: Callable[[ServerGoalHandle], Any]
+                 ) -> Callable[[ServerGoalHandle], Any]:
+        def run(gh: ServerGoalHandle) -> Any:
+            try:
+                return execute(gh)
+            finally:
+                with self._goals_lock:
+                    self._goals_in_flight -= 1
+        return run
 
     def _execute_generate(self, gh: ServerGoalHandle) -> Generate.Result:
         goal: Generate.Goal = gh.request

@@ -249,3 +249,22 @@ def test_a_default_role_outside_the_roles_is_one_clear_error(
             ModelManagerNode(context=context)
     finally:
         rclpy.try_shutdown(context=context)
+
+
+def test_goals_beyond_max_goals_are_refused(harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness, **{'model_manager:max_goals': 1,
+                                        'model_manager:policy.substitute': False})
+    gate = LoadGate(mm, 'large')
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    outcome: List[Any] = []
+    first = threading.Thread(target=lambda: outcome.append(send_goal(gen, Generate.Goal(
+        role='large', messages=HELLO))))
+    first.start()                 # holds the one slot while its swap to large is held
+    wait_for(gate.held.is_set, what='swap held')
+    accepted, _, _ = send_goal(gen, Generate.Goal(role='small', messages=HELLO))
+    assert not accepted, 'a second goal must be refused while max_goals are in flight'
+    gate.open()
+    first.join(60.0)
+    assert outcome and outcome[0][0] and outcome[0][1].role == 'large'
+    ok, result, _ = send_goal(gen, Generate.Goal(role='large', messages=HELLO))
+    assert ok and result.error_code == Generate.Result.NONE, 'the slot is free again'

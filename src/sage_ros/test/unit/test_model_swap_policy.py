@@ -99,6 +99,18 @@ def test_requests_count_toward_a_swap_down_by_complexity() -> None:
     assert policy.decide(SMALL, big, ONE, 105.0, 'complex').action is Action.SWAP
 
 
+def test_a_streak_counts_requests_for_one_role_only() -> None:
+    """With three roles, requests for two different smaller roles must not add up to a swap."""
+    tiny = RoleInfo('tiny', priority=0, keep_resident=False, need_bytes=int(0.1 * GIB))
+    mid = replace(SMALL, priority=1)
+    big = [resident(replace(LARGE, priority=2))]
+    policy = SwapPolicy(PolicyConfig(hysteresis_requests=2, min_dwell_s=0))
+    assert policy.decide(tiny, big, ONE, 100.0).action is Action.SUBSTITUTE
+    assert policy.decide(mid, big, ONE, 101.0).action is Action.SUBSTITUTE   # a new streak
+    assert policy.decide(tiny, big, ONE, 102.0).action is Action.SUBSTITUTE   # and again
+    assert policy.decide(tiny, big, ONE, 103.0).action is Action.SWAP         # 2 in a row
+
+
 def test_measured_swap_cost_keeps_the_resident_model_when_a_swap_would_not_pay() -> None:
     policy = SwapPolicy(PolicyConfig(hysteresis_requests=3, min_dwell_s=0))
     policy.observe_load('small', 2.0)
