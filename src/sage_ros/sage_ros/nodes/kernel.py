@@ -368,6 +368,7 @@ class KernelNode(Node):
             if d.kind == KIND_REASONING:
                 msg.text = result.answer
                 msg.model, msg.role, msg.swapped = result.model, result.role, result.swapped
+                msg.requested_role = result.role   # the reasoning block asks for roles itself
                 msg.complexity = d.complexity.value
                 msg.completion_tokens = result.completion_tokens
                 self.get_logger().info(

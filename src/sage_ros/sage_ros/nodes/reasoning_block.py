@@ -171,6 +171,10 @@ class ReasoningBlockNode(Node):
         availability_period_s = declare(self, 'availability_period_s', 2.0,
                                         'How often the language block\'s reachability is checked '
                                         '[s]', read_only=True, min_value=0.05, max_value=3600.0)
+        self._max_goals: int = declare(
+            self, 'max_goals', 2, 'Goals running at once; more are refused (each holds an '
+            'executor thread while its language steps run)', read_only=True, min_value=1,
+            max_value=64)
         self.engine = ReasoningEngine(self._language, params)
         self.block = ReasoningBlock(self.engine)
         try:
@@ -179,12 +183,12 @@ class ReasoningBlockNode(Node):
             self.block.embedder_error = str(exc)
             self.get_logger().error(f'reasoning unavailable (advertised not loaded): {exc}')
         self._stopping = threading.Event()
-        self._running = 0                        # goals being executed
+        self._running = 0                        # goals accepted and not yet finished
         self._running_changed = threading.Condition()
 
         self._server = ActionServer(
             self, Reasoning, names.BLOCK_REASONING, execute_callback=self._execute,
-            goal_callback=lambda _: GoalResponse.ACCEPT,
+            goal_callback=self._on_goal,
             cancel_callback=lambda _: CancelResponse.ACCEPT,
             callback_group=ReentrantCallbackGroup())
         self._description_pub = self.create_publisher(BlockDescription, names.BLOCKS_DESCRIPTION,
@@ -215,9 +219,16 @@ class ReasoningBlockNode(Node):
             self.get_logger().info('language block reachable: reasoning available' if ready else
                                    'language block unreachable: reasoning unavailable')
 
-    def _execute(self, gh: ServerGoalHandle) -> Reasoning.Result:
+    def _on_goal(self, goal: Reasoning.Goal) -> GoalResponse:
         with self._running_changed:
-            self._running += 1
+            if self._running >= self._max_goals:
+                self.get_logger().warning(f'turn {goal.turn_id}: refused, {self._running} goals '
+                                          'already running (max_goals)')
+                return GoalResponse.REJECT
+            self._running += 1   # counted from acceptance: execution starts a moment later
+        return GoalResponse.ACCEPT
+
+    def _execute(self, gh: ServerGoalHandle) -> Reasoning.Result:
         try:
             return self._reason(gh)
         finally:

@@ -93,8 +93,13 @@ def test_demo_answers_small_then_large_with_a_swap_and_keeps_the_conversation() 
             stdin='hello\nDesign a simple routine for a robot to tidy a desk.\nthanks!\n')
     assert p.returncode == 0, p.stderr
     turns = [json.loads(line) for line in p.stdout.splitlines()]
-    # The swap policy keeps the large model for the short "thanks!" right after the swap
-    # (hysteresis: no swap back for one simple turn), and says so.
+    # The design request goes to the language block, or, when its salience passes the
+    # kernel's reasoning threshold (which depends on the sensor's history and the time of day),
+    # to the reasoning block, whose steps run through the language block: the large model
+    # answers either way. The swap policy then keeps the large model for the short "thanks!"
+    # right after the swap (hysteresis: no swap back for one simple turn), and says so.
+    assert [t['block'] for t in turns][::2] == ['language', 'language']
+    assert turns[1]['block'] in ('language', 'reasoning')
     assert [(t['model'], t['role'], t['requested_role'], t['swapped']) for t in turns] == [
         ('SmolLM2-135M-Instruct', 'small', 'small', False),
         ('Qwen2.5-Coder-0.5B-Instruct', 'large', 'large', True),

@@ -207,3 +207,26 @@ def test_parameters_are_read_only(harness: Callable[..., Harness]) -> None:
                                    Parameter('language_timeout_s', value=5.0)])
     assert not any(r.successful for r in results)
     assert node.get_parameter('max_parts').value == 4
+
+
+def test_goals_beyond_max_goals_are_refused(harness: Callable[..., Harness]) -> None:
+    h = harness((graph.REASONING_BLOCK,), **{'reasoning_block:availability_period_s': 0.1,
+                                             'reasoning_block:max_goals': 1})
+    client = ActionClient(h.probe, Reasoning, names.BLOCK_REASONING)
+    recorder = RecordingLanguage(h, block_on_part=PARTS[1])
+    assert client.wait_for_server(timeout_sec=10.0)
+    sent = client.send_goal_async(Reasoning.Goal(turn_id=1, problem=PROBLEM, atp_budget=100.0))
+    wait_for(sent.done, what='first goal accepted')
+    first = sent.result()
+    assert first.accepted
+    wait_for(lambda: [g.text for g in recorder.goals][-1:] == [PARTS[1]],
+             what='the first goal blocked in a step')
+    accepted, _, _ = send_goal(client, Reasoning.Goal(turn_id=2, problem=PROBLEM,
+                                                      atp_budget=100.0))
+    assert not accepted, 'a second goal must be refused while max_goals are running'
+    first.cancel_goal_async()
+    done = first.get_result_async()
+    wait_for(done.done, what='the first goal cancelled')
+    recorder.block_on_part = ''
+    ok, result, _ = send_goal(client, Reasoning.Goal(turn_id=3, problem=PROBLEM, atp_budget=100.0))
+    assert ok and result.error_code == Reasoning.Result.NONE, 'the slot is free again'
