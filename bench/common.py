@@ -90,7 +90,8 @@ class InProcessGraph:
 
 
     def wait_models_active(self, timeout_s: float = 300.0) -> Any:
-        """Block until the model manager reports `active`; returns that ModelStatus."""
+        """Block until the model manager is active with its default model loaded (configure
+        returns while the load still runs); returns that ModelStatus."""
         from sage_interfaces.msg import ModelStatus
 
         from sage_ros import names
@@ -98,8 +99,9 @@ class InProcessGraph:
         latest: List[Any] = []
         self.probe.create_subscription(ModelStatus, names.MODELS_STATUS,
                                        lambda m: latest.append(m), LATCHED)
-        wait_until(lambda: bool(latest) and latest[-1].lifecycle_state == 'active', timeout_s,
-                   'the model manager to become active')
+        wait_until(lambda: bool(latest) and latest[-1].lifecycle_state == 'active'
+                   and bool(latest[-1].loaded) and not latest[-1].loading_role, timeout_s,
+                   'the model manager to become active with its model loaded')
         return latest[-1]
 
 
@@ -124,3 +126,14 @@ def offline_model_params(profile: str = 'demo', overrides: Optional[Dict[str, An
     if roles is not None:
         mm['roles'] = roles
     return params
+
+
+def demo_spec(role: str, max_new_tokens: int, path: Optional[str] = None,
+              device: str = '', name: str = '') -> Any:
+    """A `ModelSpec` for a demo role: the demo's model, or another directory and device."""
+    from sage_ros.core.models import ModelSpec, resolve_model_path
+    m = offline_model_params('demo')['/**/model_manager']['ros__parameters']['models'][role]
+    return ModelSpec(role=name or role, model_id=Path(path).name if path else m['model_id'],
+                     path=path or resolve_model_path(m['path']), dtype=m['dtype'],
+                     device=device or m['device'], max_new_tokens=max_new_tokens,
+                     context_window=m['context_window'])

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from common import InProcessGraph, report, summary_ms, wait_until
 
@@ -22,6 +22,20 @@ SENTENCES = ['where is the red cup', 'please bring me the blue box', 'what time 
              'the kitchen door is open', 'how many people are in the room', 'stop moving now',
              'tell me about the weather', 'is the battery charged', 'go to the charging dock',
              'who is at the front door']
+
+
+def timed(send: Callable[[], object], key: str, arrivals: Dict[str, float],
+          signal: threading.Event) -> float:
+    """Seconds from `send()` until `key` shows up in `arrivals` (set by a callback that also
+    sets `signal`)."""
+    signal.clear()
+    t0 = time.perf_counter()
+    send()
+    while key not in arrivals:
+        if not signal.wait(30):
+            raise TimeoutError(f'{key!r} never arrived')
+        signal.clear()
+    return arrivals[key] - t0
 
 
 def core_decision_times(runs: int, embedder: str, router: str) -> List[float]:
@@ -126,25 +140,11 @@ def main() -> None:
 
             def kernel_once(i: int) -> float:
                 text = f'{SENTENCES[i % len(SENTENCES)]} ({i})'
-                arrived.clear()
-                t0 = time.perf_counter()
-                text_pub.publish(String(data=text))
-                while text not in accepted:
-                    if not arrived.wait(30):
-                        raise TimeoutError(f'no goal for observation {i}')
-                    arrived.clear()
-                return accepted[text] - t0
+                return timed(lambda: text_pub.publish(String(data=text)), text, accepted, arrived)
 
             def hop_once(i: int) -> float:
                 key = f'hop {i}'
-                hopped.clear()
-                t0 = time.perf_counter()
-                hop_pub.publish(String(data=key))
-                while key not in got:
-                    if not hopped.wait(30):
-                        raise TimeoutError(f'hop {i} lost')
-                    hopped.clear()
-                return got[key] - t0
+                return timed(lambda: hop_pub.publish(String(data=key)), key, got, hopped)
 
             direct = ActionClient(node, Language, names.BLOCK_LANGUAGE)
             wait_until(lambda: direct.wait_for_server(timeout_sec=0.1), 30, 'the stand-in server')
@@ -152,14 +152,8 @@ def main() -> None:
             def goal_hop_once(i: int) -> float:
                 """A raw goal request to the same server: the last leg of the kernel's path."""
                 text = f'direct goal {i}'
-                arrived.clear()
-                t0 = time.perf_counter()
-                direct.send_goal_async(Language.Goal(text=text))
-                while text not in accepted:
-                    if not arrived.wait(30):
-                        raise TimeoutError(f'no direct goal {i}')
-                    arrived.clear()
-                return accepted[text] - t0
+                return timed(lambda: direct.send_goal_async(Language.Goal(text=text)), text,
+                             accepted, arrived)
 
             answered: List[int] = []
             node.create_subscription(Response, names.RESPONSE,

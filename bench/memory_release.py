@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import List
 
-from common import offline_model_params, report
+from common import demo_spec, report
 
 
 def rss() -> int:
@@ -30,13 +30,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from sage_ros.core.conversation import ChatTurn
-    from sage_ros.core.models import ModelPool, ModelSpec, resolve_model_path
+    from sage_ros.core.models import ModelPool
 
-    m = offline_model_params('demo')['/**/model_manager']['ros__parameters']['models'][args.role]
-    spec = ModelSpec(role=args.role, model_id=m['model_id'] if not args.path else args.path,
-                     path=args.path or resolve_model_path(m['path']), dtype=m['dtype'],
-                     device=args.device or m['device'], max_new_tokens=2,
-                     context_window=m['context_window'])
+    spec = demo_spec(args.role, 2, args.path, args.device)
     cuda = spec.device.startswith('cuda')
 
     def device_bytes() -> int:

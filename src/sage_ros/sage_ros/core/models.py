@@ -27,6 +27,7 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optiona
 from .context import (ContextOverflow, FittedContext, SummaryCache, fit_to_window,
                       summary_request)
 from .conversation import ChatTurn
+from .loading import PRETRAINED_LOAD_LOCK
 from .store import StateStore
 from .swap_policy import (Action, Decision, MemoryState, ResidentInfo, RoleInfo, SwapPolicy,
                           plan_memory)
@@ -803,7 +804,9 @@ class ModelPool:
         rss_before, device_before = process_rss(), _device_allocated(spec.device)
         step('tokenizer', 0.82)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(info.directory), local_files_only=True)
+            with PRETRAINED_LOAD_LOCK:
+                tokenizer = AutoTokenizer.from_pretrained(str(info.directory),
+                                                          local_files_only=True)
         except Exception as exc:  # corrupt files raise many types; all mean "cannot load"
             raise LoadError(f'cannot load the tokenizer of role {spec.role!r} from '
                             f'{info.directory}: {_first_line(exc)}') from exc
@@ -815,9 +818,10 @@ class ModelPool:
         if spec.device != 'cpu':
             kwargs['device_map'] = spec.device
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(info.directory), dtype=getattr(torch, spec.dtype), local_files_only=True,
-                **kwargs)
+            with PRETRAINED_LOAD_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(info.directory), dtype=getattr(torch, spec.dtype), local_files_only=True,
+                    **kwargs)
             model.eval()
         except Exception as exc:  # corrupt files raise many types; all mean "cannot load"
             release_memory()

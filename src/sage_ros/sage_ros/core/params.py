@@ -13,14 +13,15 @@ from typing import Any, List, Optional
 
 
 def tunable(default: Any, doc: str, lo: Optional[float] = None, hi: Optional[float] = None, *,
-            unit: str = '', runtime: bool = True) -> Any:
+            unit: str = '', runtime: bool = True, param: str = '') -> Any:
     """A dataclass field that is also a documented parameter.
 
     `lo`/`hi` bound numbers (inclusive); `runtime=False` marks values that only take effect at
-    start-up (memory sizes, capacities), which the node declares read-only.
+    start-up (memory sizes, capacities), which the node declares read-only; `param` is the
+    parameter's name when it is not the field's (e.g. 'atp.per_step' for `atp_per_step`).
     """
     return dataclasses.field(default=default, metadata={
-        'doc': doc, 'lo': lo, 'hi': hi, 'unit': unit, 'runtime': runtime})
+        'doc': doc, 'lo': lo, 'hi': hi, 'unit': unit, 'runtime': runtime, 'param': param})
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ParamDoc:
     hi: Optional[float]
     unit: str
     runtime: bool
+    param: str     # the parameter's name (the field's name unless the field says otherwise)
 
 
 def param_docs(cls_or_obj: Any) -> List[ParamDoc]:
@@ -46,7 +48,7 @@ def param_docs(cls_or_obj: Any) -> List[ParamDoc]:
             default = getattr(cls_or_obj, f.name)
         m = f.metadata
         out.append(ParamDoc(f.name, default, m['doc'], m['lo'], m['hi'], m['unit'],
-                            m['runtime']))
+                            m['runtime'], m.get('param') or f.name))
     return out
 
 

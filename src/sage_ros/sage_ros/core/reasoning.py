@@ -48,6 +48,7 @@ import numpy as np
 
 from .blocks import BlockType, CapabilityBlock
 from .embeddings import EmbeddingError
+from .params import check_ranges, tunable
 from .text import InvalidText, sanitize
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # texts -> unit-norm rows
@@ -140,54 +141,68 @@ def _check_template(name: str, template: str, keys: Tuple[str, ...]) -> None:
 class ReasoningParams:
     """Every constant of the engine, with its default; ranges are checked on construction."""
 
-    max_problem_chars: int = 4000     # [characters] longer problems are refused
-    max_steps: int = 24               # hard cap on steps per goal, integration included
-    max_parts: int = 4                # sub-questions a problem is split into at most
-    max_part_chars: int = 400         # [characters] longer sub-questions are dropped
-    min_part_chars: int = 8           # [characters] shorter lines are not sub-questions
-    retries_per_part: int = 1         # check steps per part that the answer does not cover
-    atp_per_step: float = 0.5         # [ATP] fixed cost of one language step
-    atp_per_token: float = 0.05       # [ATP/token] cost of a generated token
-    decompose_tokens: int = 96        # [tokens] cap for the decomposition
-    solve_tokens: int = 64            # [tokens] cap for a part's answer (solve and check)
-    integrate_tokens: int = 160       # [tokens] cap for the integrated answer
-    min_step_tokens: int = 16         # [tokens] a step that can afford fewer does not start
-    weight_uncovered: float = 0.5     # energy weight of the parts the answer does not cover
-    weight_unanswered: float = 0.4    # energy weight of the parts with no answer
-    weight_empty: float = 0.1         # energy added while the answer is empty
-    cover_floor: float = 0.2          # cosine similarity that counts as no coverage
-    cover_threshold: float = 0.5      # cosine similarity that counts as full coverage
-    halt_window: int = 3              # [steps] k of the slope test
-    min_slope: float = 0.02           # [energy/step] mean decrease below which it converged
-    target_energy: float = 0.05       # energy at or below which the problem counts as solved
-    repeat_similarity: float = 0.95   # cosine similarity to an earlier text = repetition
-    repeat_ngram: int = 4             # [words] n of the n-gram repetition tests
-    repeat_ngram_fraction: float = 0.8  # share of an output's n-grams seen before = repetition
-    min_distinct_ngrams: float = 0.5  # share of distinct n-grams below which an output loops
-    decompose_prompt: str = DECOMPOSE_PROMPT    # {problem}, {max_parts}
-    solve_context: str = SOLVE_CONTEXT          # {problem}
-    check_prompt: str = CHECK_PROMPT            # {question}, {problem}
-    check_context: str = CHECK_CONTEXT          # {question}, {problem}
-    integrate_context: str = INTEGRATE_CONTEXT  # {results}, {problem}
+    max_problem_chars: int = tunable(4000, 'Longer problems are refused', 1, 1_000_000,
+                                     unit='characters')
+    max_steps: int = tunable(24, 'Hard cap on steps per goal, integration included', 1, 1000)
+    max_parts: int = tunable(4, 'Sub-questions a problem is split into at most', 1, 64)
+    max_part_chars: int = tunable(400, 'Longer sub-questions are dropped', 1, 100_000,
+                                  unit='characters')
+    min_part_chars: int = tunable(8, 'Shorter decomposition lines are not sub-questions', 0,
+                                  10_000, unit='characters')
+    retries_per_part: int = tunable(1, 'Check steps for a part the answer does not cover', 0,
+                                    100)
+    atp_per_step: float = tunable(0.5, 'Fixed cost of one language step', 0.0, 1e6, unit='ATP',
+                                  param='atp.per_step')
+    atp_per_token: float = tunable(0.05, 'Cost of a generated token', 0.0, 1e6,
+                                   unit='ATP/token', param='atp.per_token')
+    decompose_tokens: int = tunable(96, 'Token cap of the decomposition step', 1, 100_000,
+                                    unit='tokens', param='tokens.decompose')
+    solve_tokens: int = tunable(64, 'Token cap of a solve or check step', 1, 100_000,
+                                unit='tokens', param='tokens.solve')
+    integrate_tokens: int = tunable(160, 'Token cap of the integration step', 1, 100_000,
+                                    unit='tokens', param='tokens.integrate')
+    min_step_tokens: int = tunable(16, 'A step the budget pays fewer tokens for does not start',
+                                   1, 100_000, unit='tokens', param='tokens.min_step')
+    weight_uncovered: float = tunable(0.5, 'Energy weight of the parts the answer does not cover',
+                                      0.0, 100.0, param='energy.weight_uncovered')
+    weight_unanswered: float = tunable(0.4, 'Energy weight of the parts with no answer', 0.0,
+                                       100.0, param='energy.weight_unanswered')
+    weight_empty: float = tunable(0.1, 'Energy added while the answer is empty', 0.0, 100.0,
+                                  param='energy.weight_empty')
+    cover_floor: float = tunable(0.2, 'Cosine similarity that counts as no coverage', -1.0, 1.0,
+                                 param='energy.cover_floor')
+    cover_threshold: float = tunable(0.5, 'Cosine similarity that counts as full coverage', -1.0,
+                                     1.0, param='energy.cover_threshold')
+    halt_window: int = tunable(3, 'Steps over which the energy slope is measured', 1, 100,
+                               unit='steps', param='halt.window')
+    min_slope: float = tunable(0.02, 'Mean energy decrease per step below which the loop has '
+                               'converged', 0.0, 10.0, param='halt.min_slope')
+    target_energy: float = tunable(0.05, 'Energy at or below which the problem counts as solved',
+                                   0.0, 100.0, param='halt.target_energy')
+    repeat_similarity: float = tunable(0.95, 'Cosine similarity to an earlier output that counts '
+                                       'as repetition', -1.0, 1.0, param='halt.repeat_similarity')
+    repeat_ngram: int = tunable(4, 'n of the word n-gram repetition tests', 1, 32, unit='words',
+                                param='halt.repeat_ngram')
+    repeat_ngram_fraction: float = tunable(0.8, "Share of an output's n-grams seen before that "
+                                           'counts as repetition', 0.0, 1.0,
+                                           param='halt.repeat_ngram_fraction')
+    min_distinct_ngrams: float = tunable(0.5, 'Share of distinct n-grams below which an output '
+                                         'loops on itself', 0.0, 1.0,
+                                         param='halt.min_distinct_ngrams')
+    decompose_prompt: str = tunable(DECOMPOSE_PROMPT, 'Decomposition request; placeholders '
+                                    '{problem}, {max_parts}', param='prompts.decompose')
+    solve_context: str = tunable(SOLVE_CONTEXT, 'Context of a solve step; placeholder {problem}',
+                                 param='prompts.solve_context')
+    check_prompt: str = tunable(CHECK_PROMPT, 'Check request; placeholders {question}, {problem}',
+                                param='prompts.check')
+    check_context: str = tunable(CHECK_CONTEXT, 'Context of a check step; placeholders '
+                                 '{question}, {problem}', param='prompts.check_context')
+    integrate_context: str = tunable(INTEGRATE_CONTEXT, 'Context of the integration; '
+                                     'placeholders {results}, {problem}',
+                                     param='prompts.integrate_context')
 
     def __post_init__(self) -> None:
-        ints = {'max_problem_chars': 1, 'max_steps': 1, 'max_parts': 1, 'max_part_chars': 1,
-                'min_part_chars': 0, 'retries_per_part': 0, 'decompose_tokens': 1,
-                'solve_tokens': 1, 'integrate_tokens': 1, 'min_step_tokens': 1,
-                'halt_window': 1, 'repeat_ngram': 1}
-        for name, low in ints.items():
-            if getattr(self, name) < low:
-                raise ValueError(f'{name} must be at least {low}, got {getattr(self, name)}')
-        for name in ('atp_per_step', 'atp_per_token', 'weight_uncovered', 'weight_unanswered',
-                     'weight_empty', 'min_slope', 'target_energy'):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ValueError(f'{name} must be a finite number >= 0, got {value}')
-        for name in ('cover_floor', 'cover_threshold', 'repeat_similarity',
-                     'repeat_ngram_fraction', 'min_distinct_ngrams'):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and -1.0 <= value <= 1.0):
-                raise ValueError(f'{name} must be in [-1, 1], got {value}')
+        check_ranges(self)
         if self.cover_threshold <= self.cover_floor:
             raise ValueError(f'cover_threshold ({self.cover_threshold}) must be above '
                              f'cover_floor ({self.cover_floor})')

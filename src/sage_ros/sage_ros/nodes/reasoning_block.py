@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
@@ -21,6 +21,7 @@ from sage_interfaces.msg import BlockDescription
 
 from .. import names
 from ..core.embeddings import EmbeddingError, minilm_path
+from ..core.params import param_docs
 from ..core.reasoning import (HaltReason, InvalidProblem, LanguageCancelled, LanguageFailed,
                               LanguageReply, LanguageRequest, ReasoningBlock, ReasoningEngine,
                               ReasoningParams, StepRecord, StopFn)
@@ -78,74 +79,21 @@ class LanguageClient:
                              model=res.model, role=res.role, swapped=res.swapped)
 
 
-# (ReasoningParams field, parameter name, description, min, max); defaults from ReasoningParams.
-PARAMETERS: Tuple[Tuple[str, str, str, Optional[float], Optional[float]], ...] = (
-    ('max_problem_chars', 'max_problem_chars', 'Longer problems are refused [characters]',
-     1, 1_000_000),
-    ('max_steps', 'max_steps', 'Hard cap on steps per goal, integration included', 1, 1000),
-    ('max_parts', 'max_parts', 'Sub-questions a problem is split into at most', 1, 64),
-    ('max_part_chars', 'max_part_chars', 'Longer sub-questions are dropped [characters]',
-     1, 100_000),
-    ('min_part_chars', 'min_part_chars',
-     'Shorter decomposition lines are not sub-questions [characters]', 0, 10_000),
-    ('retries_per_part', 'retries_per_part', 'Check steps for a part the answer does not cover',
-     0, 100),
-    ('atp_per_step', 'atp.per_step', 'Fixed cost of one language step [ATP]', 0.0, 1e6),
-    ('atp_per_token', 'atp.per_token', 'Cost of a generated token [ATP/token]', 0.0, 1e6),
-    ('decompose_tokens', 'tokens.decompose', 'Token cap of the decomposition step [tokens]',
-     1, 100_000),
-    ('solve_tokens', 'tokens.solve', 'Token cap of a solve or check step [tokens]', 1, 100_000),
-    ('integrate_tokens', 'tokens.integrate', 'Token cap of the integration step [tokens]',
-     1, 100_000),
-    ('min_step_tokens', 'tokens.min_step',
-     'A step the budget pays fewer tokens for does not start [tokens]', 1, 100_000),
-    ('weight_uncovered', 'energy.weight_uncovered',
-     'Energy weight of the parts the answer does not cover', 0.0, 100.0),
-    ('weight_unanswered', 'energy.weight_unanswered', 'Energy weight of the parts with no answer',
-     0.0, 100.0),
-    ('weight_empty', 'energy.weight_empty', 'Energy added while the answer is empty', 0.0, 100.0),
-    ('cover_floor', 'energy.cover_floor', 'Cosine similarity that counts as no coverage',
-     -1.0, 1.0),
-    ('cover_threshold', 'energy.cover_threshold', 'Cosine similarity that counts as full coverage',
-     -1.0, 1.0),
-    ('halt_window', 'halt.window', 'Steps over which the energy slope is measured', 1, 100),
-    ('min_slope', 'halt.min_slope',
-     'Mean energy decrease per step below which the loop has converged', 0.0, 10.0),
-    ('target_energy', 'halt.target_energy',
-     'Energy at or below which the problem counts as solved', 0.0, 100.0),
-    ('repeat_similarity', 'halt.repeat_similarity',
-     'Cosine similarity to an earlier output that counts as repetition', -1.0, 1.0),
-    ('repeat_ngram', 'halt.repeat_ngram', 'n of the word n-gram repetition tests [words]', 1, 32),
-    ('repeat_ngram_fraction', 'halt.repeat_ngram_fraction',
-     "Share of an output's n-grams seen before that counts as repetition", 0.0, 1.0),
-    ('min_distinct_ngrams', 'halt.min_distinct_ngrams',
-     'Share of distinct n-grams below which an output loops on itself', 0.0, 1.0),
-    ('decompose_prompt', 'prompts.decompose',
-     'Decomposition request; placeholders {problem}, {max_parts}', None, None),
-    ('solve_context', 'prompts.solve_context', 'Context of a solve step; placeholder {problem}',
-     None, None),
-    ('check_prompt', 'prompts.check', 'Check request; placeholders {question}, {problem}',
-     None, None),
-    ('check_context', 'prompts.check_context',
-     'Context of a check step; placeholders {question}, {problem}', None, None),
-    ('integrate_context', 'prompts.integrate_context',
-     'Context of the integration; placeholders {results}, {problem}', None, None),
-)
-
-
 def declare_params(node: Node) -> ReasoningParams:
-    """Every engine constant as a parameter with a descriptor; errors name the parameter."""
-    defaults = ReasoningParams()
+    """Every engine constant as a parameter, documented and ranged from the core; errors name
+    the parameter."""
+    docs = param_docs(ReasoningParams)
     # Read once into the engine at start-up: read-only, so `ros2 param set` cannot pretend.
-    values = {f: declare(node, name, getattr(defaults, f), desc, read_only=True, min_value=lo,
-                         max_value=hi)
-              for f, name, desc, lo, hi in PARAMETERS}
+    values = {d.name: declare(node, d.param, d.default,
+                              d.doc + (f' [{d.unit}]' if d.unit else ''), read_only=True,
+                              min_value=d.lo, max_value=d.hi)
+              for d in docs}
     try:
         return ReasoningParams(**values)
     except ValueError as exc:
         message = str(exc)
-        for f, name, *_ in PARAMETERS:
-            message = re.sub(rf'\b{f}\b', name, message)
+        for d in docs:
+            message = re.sub(rf'\b{d.name}\b', d.param, message)
         raise ConfigError(f'reasoning block parameters: {message}') from exc
 
 

@@ -350,3 +350,19 @@ def test_a_cancel_after_eviction_still_leaves_a_model_resident(
     entry = p.load('large', progress=progress, should_stop=lambda: evicted['done'])
     assert evicted['done'], 'the eviction was not reported'
     assert entry.spec.role == 'large' and p.is_loaded('large') and not p.is_loaded('small')
+
+
+def test_loads_wait_for_the_process_wide_load_lock(tiny_models: Dict[str, Path]) -> None:
+    """`from_pretrained` changes torch's default dtype while it runs: a load in another thread
+    (MiniLM, another pool) must never overlap it."""
+    import threading
+
+    from sage_ros.core.loading import PRETRAINED_LOAD_LOCK
+    p = ModelPool({'small': spec('small', tiny_models['small'])}, 'small')
+    loader = threading.Thread(target=p.load, args=('small',))
+    with PRETRAINED_LOAD_LOCK:
+        loader.start()
+        loader.join(timeout=1.0)
+        assert loader.is_alive() and not p.is_loaded('small'), 'loaded while the lock was held'
+    loader.join(timeout=60.0)
+    assert p.is_loaded('small')
