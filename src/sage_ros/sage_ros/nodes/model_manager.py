@@ -70,6 +70,7 @@ class ModelManagerNode(LifecycleNode):
         self._error = ''                       # configuration error ('' if none)
         self._cancel = threading.Event()       # set to cancel the loader thread's current job
         self._goals_lock = threading.Lock()
+        self._status_lock = threading.RLock()
         self._goals_in_flight = 0              # generate and swap goals accepted, not yet done
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='model-loader')
         # Called at every step of every load (the loader thread's or a goal's); tests use it to
@@ -490,6 +491,12 @@ class ModelManagerNode(LifecycleNode):
 
     # ---- status ------------------------------------------------------------------------------
     def _publish_status(self) -> None:
+        # Lifecycle callbacks, goals and the loader thread all publish: one at a time, so the
+        # last message out is built from the latest state, never a stale snapshot.
+        with self._status_lock:
+            self._publish_status_locked()
+
+    def _publish_status_locked(self) -> None:
         pool = self.pool
         msg = ModelStatus(stamp=stamp(), lifecycle_state=self._state_label,
                           available_roles=list(self._roles), default_role=self._default_role,
