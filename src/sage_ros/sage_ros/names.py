@@ -18,13 +18,15 @@ MODEL_MANAGER = 'model_manager'   # a lifecycle node
 REASONING_BLOCK = 'reasoning_block'
 
 # Topics
-TEXT_IN = 'text_in'                     # std_msgs/String, text observations from any source
+TEXT_IN = 'text_in'                     # std_msgs/String, text observations (source 'text', ids by the kernel)
+OBSERVATIONS_TEXT = 'observations/text'  # sage_interfaces/TextObservation: id and source by the sender
 RESPONSE = 'response'                   # sage_interfaces/Response, what SAGE says
 RESPONSE_STREAM = 'response/stream'     # sage_interfaces/ResponseChunk, answers while generated
 SALIENCE = 'salience'                   # sage_interfaces/Salience, one per scored observation
 STATE = 'state'                         # sage_interfaces/KernelState, transient-local
 MODELS_STATUS = 'models/status'         # sage_interfaces/ModelStatus, transient-local
 BLOCKS_DESCRIPTION = 'blocks/description'  # sage_interfaces/BlockDescription, transient-local
+HEARTBEAT = 'heartbeat'                 # sage_interfaces/Heartbeat, every node, every heartbeat_period_s
 
 # Actions: one typed action per capability block, and the model manager's two.
 BLOCK_LANGUAGE = 'blocks/language'
@@ -40,12 +42,14 @@ LANGUAGE_RESET = 'blocks/language/reset'
 # The public contract, (kind, relative name, type), checked by the graph test.
 CONTRACT: Tuple[Tuple[str, str, str], ...] = (
     ('topic', TEXT_IN, 'std_msgs/msg/String'),
+    ('topic', OBSERVATIONS_TEXT, 'sage_interfaces/msg/TextObservation'),
     ('topic', RESPONSE, 'sage_interfaces/msg/Response'),
     ('topic', RESPONSE_STREAM, 'sage_interfaces/msg/ResponseChunk'),
     ('topic', SALIENCE, 'sage_interfaces/msg/Salience'),
     ('topic', STATE, 'sage_interfaces/msg/KernelState'),
     ('topic', MODELS_STATUS, 'sage_interfaces/msg/ModelStatus'),
     ('topic', BLOCKS_DESCRIPTION, 'sage_interfaces/msg/BlockDescription'),
+    ('topic', HEARTBEAT, 'sage_interfaces/msg/Heartbeat'),
     ('action', BLOCK_LANGUAGE, 'sage_interfaces/action/Language'),
     ('action', BLOCK_PERCEPTION, 'sage_interfaces/action/Perception'),
     ('action', BLOCK_MEMORY, 'sage_interfaces/action/Memory'),

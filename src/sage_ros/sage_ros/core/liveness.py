@@ -1,0 +1,80 @@
+"""Which nodes of the graph are alive: heartbeats in, 'gone' and 'restarted' out.
+
+Every SAGE node sends a heartbeat every `period_s`. DDS notices a killed process only when its
+participant lease runs out (about 20 s with Fast DDS defaults) and never notices a hung one, so
+the graph watches heartbeats instead: a node is gone after `timeout_s` without one, and a new
+`instance_id` under the same name means the node restarted (its goals are lost).
+
+Times are monotonic seconds: liveness must not follow a simulated clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+NEW, RESTARTED, BACK = 'new', 'restarted', 'back'
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat, as received (mirrors Heartbeat.msg)."""
+
+    node: str
+    instance_id: str
+    block: str = ''
+    ready: bool = True
+    not_ready_reason: str = ''
+    goals_active: int = 0
+    goals_queued: int = 0
+    period_s: float = 0.5
+
+
+class LivenessMonitor:
+    """Latest heartbeat per node, and who stopped sending."""
+
+    def __init__(self, timeout_s: float) -> None:
+        if not timeout_s > 0:
+            raise ValueError('liveness timeout must be > 0')
+        self.timeout_s = timeout_s
+        self._latest: Dict[str, Tuple[Beat, float]] = {}
+        self._gone: Dict[str, Beat] = {}
+
+    def beat(self, b: Beat, now: float) -> Optional[str]:
+        """Record a heartbeat. Returns NEW (first seen), RESTARTED (new instance: what the old
+        one was doing is lost), BACK (same instance after being declared gone) or None."""
+        prev = self._latest.get(b.node)
+        was_gone = self._gone.pop(b.node, None)
+        self._latest[b.node] = (b, now)
+        old = prev[0] if prev is not None else was_gone
+        if old is None:
+            return NEW
+        if old.instance_id != b.instance_id:
+            return RESTARTED
+        return BACK if was_gone is not None else None
+
+    def expire(self, now: float) -> List[Beat]:
+        """Nodes silent for longer than the timeout, each returned once, when it goes."""
+        gone = []
+        for node, (b, seen) in list(self._latest.items()):
+            if now - seen > self.timeout_s:
+                del self._latest[node]
+                self._gone[node] = b
+                gone.append(b)
+        return gone
+
+    def alive(self, node: str) -> Optional[Beat]:
+        """The node's latest heartbeat while it counts as alive (call `expire` first)."""
+        entry = self._latest.get(node)
+        return entry[0] if entry is not None else None
+
+    def block(self, name: str) -> Optional[Beat]:
+        """The latest heartbeat of a live node serving block `name`."""
+        for b, _ in self._latest.values():
+            if b.block == name:
+                return b
+        return None
+
+    def silent_for(self, node: str, now: float) -> float:
+        entry = self._latest.get(node)
+        return now - entry[1] if entry is not None else float('inf')
