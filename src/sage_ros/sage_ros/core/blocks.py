@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Collection, Dict, Iterator, Optional, Tuple
 
 
 class BlockType(str, enum.Enum):
@@ -26,6 +26,7 @@ class BlockDescriptor:
     action_type: str = ''
     loaded: bool = False
     memory_estimate_bytes: int = 0
+    concurrency: int = 0     # goals it works on at once; the kernel sends no more (0: no limit)
 
     def serves(self, capability: str, modality: str) -> bool:
         return capability in self.capabilities and modality in self.modalities
@@ -89,11 +90,16 @@ class BlockRegistry:
     def __iter__(self) -> Iterator[BlockDescriptor]:
         return iter(list(self._blocks.values()))
 
-    def find(self, capability: str, modality: str,
-             trust: Optional[Dict[str, float]] = None) -> Optional[BlockDescriptor]:
-        """The loaded block that serves (capability, modality), most trusted first."""
+    def get(self, name: str) -> Optional[BlockDescriptor]:
+        return self._blocks.get(name)
+
+    def find(self, capability: str, modality: str, trust: Optional[Dict[str, float]] = None,
+             exclude: Collection[str] = ()) -> Optional[BlockDescriptor]:
+        """The loaded block that serves (capability, modality), most trusted first; blocks
+        named in `exclude` (those with no free slot) are passed over."""
         trust = trust or {}
-        candidates = [b for b in self._blocks.values() if b.loaded and b.serves(capability, modality)]
+        candidates = [b for b in self._blocks.values() if b.loaded and b.name not in exclude
+                      and b.serves(capability, modality)]
         if not candidates:
             return None
         return max(candidates, key=lambda b: (trust.get(b.name, 0.0), b.name))

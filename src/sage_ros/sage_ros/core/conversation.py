@@ -25,19 +25,27 @@ class Conversation:
     """
 
     def __init__(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_exchanges: int = 64) -> None:
-        if max_exchanges < 1:
-            raise ValueError('max_exchanges must be at least 1')
         self.system_prompt = system_prompt
-        self.max_exchanges = max_exchanges
         self._exchanges: List[Tuple[str, str]] = []
+        self.set_max_exchanges(max_exchanges)
+
+    def set_max_exchanges(self, n: int) -> None:
+        """Change the cap (at run time too); the oldest exchanges beyond it are dropped now."""
+        if n < 1:
+            raise ValueError('max_exchanges must be at least 1')
+        self.max_exchanges = n
+        del self._exchanges[:-n]
 
     def __len__(self) -> int:
         return len(self._exchanges)
 
-    def messages_for(self, user_text: str, context: str = '') -> List[ChatTurn]:
+    def messages_for(self, user_text: str, context: str = '',
+                     system_note: str = '') -> List[ChatTurn]:
         """The messages to send for a new user turn (not yet recorded); `context` is material
-        for this turn only (e.g. partial results of a reasoning step)."""
-        msgs = [ChatTurn('system', self.system_prompt)] if self.system_prompt else []
+        for this turn only (e.g. partial results of a reasoning step), `system_note` is added
+        to the system prompt for this turn only (e.g. its length budget)."""
+        system = ' '.join(p for p in (self.system_prompt.strip(), system_note.strip()) if p)
+        msgs = [ChatTurn('system', system)] if system else []
         for user, assistant in self._exchanges:
             msgs.append(ChatTurn('user', user))
             msgs.append(ChatTurn('assistant', assistant))

@@ -1,6 +1,7 @@
 """The kernel's cycle: what deserves attention and energy, decided without ROS.
 
-    observe(sensor, text | Observation, now)  sanitise, score (SNARC), queue
+    observe(source, text | Observation, now, observation_id)
+                                              sanitise, score (SNARC, per source), queue
     cycle(now)                                recharge ATP, expire what waited too long, time
                                               out stuck goals, update the metabolic state,
                                               select targets by salience under the state's
@@ -8,7 +9,15 @@
                                               CRISIS), share the spend pool, dispatch
     complete(turn, WorkResult, now)           settle ATP with the actual cost (refund the
                                               rest), update trust, reward and salience weights
+    block_lost(block, reason, now)            a block's process stopped or restarted: its
+                                              running goals fail at once
     snapshot(now)                             what `state` publishes
+
+Targets are chosen by salience across sources, and in arrival order within one source (a
+later observation of a source is never dispatched before an earlier one the state serves);
+no block gets more goals at once than its `concurrency`. While no block can take a
+conversation (the graph is starting, or its block stopped), observations wait with the reason
+"waiting for the graph: ..." and are served when a block is back, or expire with that reason.
 
 The node turns the returned decisions (`Dispatch`, `Preemption`, `Timeout`, `Rejection`) into
 goals, cancels and messages. An observation that cannot be served now (ATP short, the state
@@ -20,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import (Any, Callable, Collection, Deque, Dict, List, Mapping, Optional, Set, Tuple,
+                    Union)
 
 from .blocks import BlockDescriptor, BlockRegistry
 from .energy import AllocationRequest, AtpLedger, allocate
@@ -40,6 +51,8 @@ ACTION_REASONING = 'sage_interfaces/action/Reasoning'
 KIND_LANGUAGE = 'language'
 KIND_REASONING = 'reasoning'
 _SALIENCE_KEY = 'salience/state'
+NO_CONVERSATION = 'no loaded block offers conversation on text'
+WAITING_FOR_GRAPH = 'waiting for the graph: '
 
 
 # ---- parameters --------------------------------------------------------------------------------
@@ -189,6 +202,7 @@ class Observed:
     score: Optional[SalienceScore]
     rejection: Optional['Rejection']
     metabolic_state: str
+    observation_id: str = ''
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,7 @@ class Rejection:
     reason: str
     salience: float = 0.0
     metabolic_state: str = ''
+    observation_id: str = ''
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,7 @@ class Dispatch:
     metabolic_state: str        # state when the observation was scored
     reason: str                 # why this block
     score: Optional[SalienceScore] = field(default=None, compare=False, repr=False)
+    observation_id: str = ''
 
 
 @dataclass(frozen=True)
@@ -233,6 +249,16 @@ class Preemption:
 
 @dataclass(frozen=True)
 class Timeout:
+    turn_id: int
+    block_name: str
+    reason: str
+    charged: float
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A running goal that failed because its block's process stopped or restarted."""
+
     turn_id: int
     block_name: str
     reason: str
@@ -307,6 +333,7 @@ class _Pending:
     state: str
     reason: str = ''
     deferred: bool = False
+    observation_id: str = ''
 
 
 @dataclass
@@ -331,7 +358,8 @@ class Kernel:
     def __init__(self, scorer: SalienceScorer, config: Optional[KernelConfig] = None,
                  blocks: Optional[BlockRegistry] = None,
                  complexity: Callable[[str], Complexity] = estimate_complexity,
-                 store: Optional[StateStore] = None, now: float = 0.0) -> None:
+                 store: Optional[StateStore] = None, now: float = 0.0,
+                 first_turn: int = 1) -> None:
         self.config = config or KernelConfig()
         self.scorer = scorer
         self.blocks = blocks or BlockRegistry()
@@ -347,7 +375,10 @@ class Kernel:
         self.pending: Dict[int, _Pending] = {}
         self.active: Dict[int, Dispatch] = {}
         self._expired: List[Rejection] = []
-        self._next_turn = 1
+        self._next_turn = first_turn
+        # Why no block can take a conversation, as the node sees the graph ('' = it can, or
+        # the node says nothing more than the registry): the reason observations wait with.
+        self.graph_reason = ''
         self._last_tick = now
         self._attention = (0.0, now)       # (peak salience, when)
         self._failures = 0
@@ -423,21 +454,25 @@ class Kernel:
         return ''
 
     # ---- observe -------------------------------------------------------------------------------
-    def observe(self, sensor_id: str, raw: Union[str, Observation], now: float) -> Observed:
-        """Sanitise and score one observation and queue it; `cycle` decides what happens."""
+    def observe(self, sensor_id: str, raw: Union[str, Observation], now: float,
+                observation_id: str = '') -> Observed:
+        """Sanitise and score one observation and queue it; `cycle` decides what happens.
+        Each source (`sensor_id`) is scored against its own history and trusted on its own;
+        `observation_id` is the sender's id ('' = '<source>/<turn>')."""
         self._tick(now)
         turn = self._next_turn
         self._next_turn += 1
         self.observations_total += 1
         state = self.state.value
+        oid = observation_id or f'{sensor_id}/{turn}'
         obs = Observation(text=raw, t=now) if isinstance(raw, str) else raw
         self.trust.touch(sensor_id, KIND_SENSOR, now)
 
         def reject(reason: str, text: str = '', score: Optional[SalienceScore] = None
                    ) -> Observed:
             r = self._reject(Rejection(turn, sensor_id, text, reason,
-                                       score.total if score else 0.0, state))
-            return Observed(turn, sensor_id, text, score, r, state)
+                                       score.total if score else 0.0, state, oid))
+            return Observed(turn, sensor_id, text, score, r, state, oid)
 
         text = ''
         if obs.text or not obs.features:
@@ -456,24 +491,29 @@ class Kernel:
         if not text:
             self.last_decision = (f'turn {turn}: {sensor_id} observation attended '
                                   f'(salience {score.total:.2f}); no block serves {obs.modality}')
-            return Observed(turn, sensor_id, text, score, None, state)
-        if self._conversation_block() is None:
-            return reject('no loaded block offers conversation on text', text, score)
+            return Observed(turn, sensor_id, text, score, None, state, oid)
         try:
             complexity = self.complexity(text)
         except Exception:  # a learned router failing must not lose the observation
             complexity = estimate_complexity(text)
+        # Queued even while no block can take it (the graph is starting, or its block
+        # stopped): it waits, bounded by deferred_ttl_s and max_pending, with the reason.
         self.pending[turn] = _Pending(turn, sensor_id, text, score, Complexity(complexity), now,
-                                      state)
+                                      state, observation_id=oid)
         if len(self.pending) > self.config.kernel.max_pending:
             victim = max(self.pending.values(), key=lambda p: (-p.score.total, -p.turn_id))
             del self.pending[victim.turn_id]
+            why = f' ({victim.reason})' if victim.reason else ''
             self._expired.append(self._reject(Rejection(
                 victim.turn_id, victim.sensor_id, victim.text,
                 f'dropped: {self.config.kernel.max_pending} observations already waiting and '
-                f'this was the least salient ({victim.score.total:.2f})',
-                victim.score.total, victim.state)))
-        return Observed(turn, sensor_id, text, score, None, state)
+                f'this was the least salient ({victim.score.total:.2f}){why}',
+                victim.score.total, victim.state, victim.observation_id)))
+        return Observed(turn, sensor_id, text, score, None, state, oid)
+
+    def waiting_reason(self) -> str:
+        """Why an observation that needs a conversation block cannot be served now."""
+        return WAITING_FOR_GRAPH + (self.graph_reason or NO_CONVERSATION)
 
     # ---- cycle ---------------------------------------------------------------------------------
     def cycle(self, now: float) -> CycleResult:
@@ -518,10 +558,14 @@ class Kernel:
                 del self.pending[turn]
                 out.append(self._reject(Rejection(
                     turn, p.sensor_id, p.text, f'expired after waiting {ttl:.0f} s: {p.reason}',
-                    p.score.total, p.state)))
+                    p.score.total, p.state, p.observation_id)))
         return out
 
-    def _route(self, p: _Pending) -> Tuple[Optional[BlockDescriptor], str]:
+    def _route(self, p: _Pending, full: Set[str]
+               ) -> Tuple[Optional[BlockDescriptor], str, bool]:
+        """(block, why, busy): the block `p` goes to, one with a free slot if there is one;
+        `busy` when every such block is at its concurrency (it waits, or preempts in FOCUS and
+        CRISIS); None when no loaded block serves it."""
         r = self.config.routing
         if p.complexity is Complexity.COMPLEX:
             if p.score.total < r.reasoning_min_salience:
@@ -530,22 +574,30 @@ class Kernel:
                 why = (f'complex but ATP {self.ledger.available:.1f} < '
                        f'{r.reasoning_min_atp * self.ledger.capacity:.1f} for reasoning')
             else:
+                why = f'complex, salience {p.score.total:.2f}: reasoning'
+                block = self._reasoning_block(full)
+                if block is not None:
+                    return block, why, False
                 block = self._reasoning_block()
                 if block is not None:
-                    return block, f'complex, salience {p.score.total:.2f}: reasoning'
+                    return block, why, True
                 why = 'complex but no reasoning block is loaded'
         else:
             why = p.complexity.value
-        return self._conversation_block(), why
+        block = self._conversation_block(full)
+        if block is not None:
+            return block, why, False
+        block = self._conversation_block()
+        return block, why, block is not None
 
     def _trust_map(self) -> Dict[str, float]:
         return {e.name: e.trust for e in self.trust.entries(self._last_tick) if e.kind == KIND_BLOCK}
 
-    def _conversation_block(self) -> Optional[BlockDescriptor]:
-        return self.blocks.find('conversation', 'text', self._trust_map())
+    def _conversation_block(self, full: Collection[str] = ()) -> Optional[BlockDescriptor]:
+        return self.blocks.find('conversation', 'text', self._trust_map(), full)
 
-    def _reasoning_block(self) -> Optional[BlockDescriptor]:
-        return self.blocks.find('reasoning', 'text', self._trust_map())
+    def _reasoning_block(self, full: Collection[str] = ()) -> Optional[BlockDescriptor]:
+        return self.blocks.find('reasoning', 'text', self._trust_map(), full)
 
     def _need(self, kind: str) -> float:
         a = self.config.atp
@@ -557,26 +609,34 @@ class Kernel:
     def _kind(block: BlockDescriptor) -> str:
         return KIND_REASONING if block.action_type == ACTION_REASONING else KIND_LANGUAGE
 
+    def _full(self, extra: Mapping[str, int], skip: Collection[int] = ()) -> Set[str]:
+        """Blocks at their concurrency: goals running on them (less `skip`) plus `extra`."""
+        used: Dict[str, int] = dict(extra)
+        for d in self.active.values():
+            if d.turn_id not in skip:
+                used[d.block.name] = used.get(d.block.name, 0) + 1
+        return {b.name for b in self.blocks
+                if b.concurrency > 0 and used.get(b.name, 0) >= b.concurrency}
+
     def _select_and_dispatch(self, now: float
                              ) -> Tuple[List[Preemption], List[Dispatch], List[Tuple[int, str]]]:
         policy = self.policy
         state = self.state.value
         m = self.config.metabolism
         reasons: Dict[int, str] = {}
-        eligible: List[_Pending] = []
-        for p in sorted(self.pending.values(), key=_sort_key):
-            recent = now - self._last_served.get(p.sensor_id, -math.inf) < policy.min_period_s
+        # What the state serves, per source in arrival order.
+        queues: Dict[str, Deque[_Pending]] = {}
+        every = f'at most every {policy.min_period_s:g} s'
+        for p in sorted(self.pending.values(), key=lambda p: p.turn_id):
             if not policy.accepts(p.sensor_id):
                 reasons[p.turn_id] = f'{state} does not accept sensor {p.sensor_id!r}'
             elif p.score.total < policy.min_salience:
                 reasons[p.turn_id] = (f'{state} defers salience {p.score.total:.2f} '
                                       f'< {policy.min_salience:.2f}')
-            elif recent or (policy.min_period_s > 0
-                            and any(e.sensor_id == p.sensor_id for e in eligible)):
-                reasons[p.turn_id] = (f'{state} serves {p.sensor_id!r} at most every '
-                                      f'{policy.min_period_s:g} s')
+            elif now - self._last_served.get(p.sensor_id, -math.inf) < policy.min_period_s:
+                reasons[p.turn_id] = f'{state} serves {p.sensor_id!r} {every}'
             else:
-                eligible.append(p)
+                queues.setdefault(p.sensor_id, deque()).append(p)
 
         preemptions: List[Preemption] = []
         if policy.preempt and len(self.active) > policy.max_targets:
@@ -587,24 +647,31 @@ class Kernel:
             for d in goals[policy.max_targets:]:
                 preemptions.append(self._preempt(
                     d, top, f'{state} serves {policy.max_targets} at once', now))
-        # Targets in salience order, up to the state's limit. In a preempting state a target
-        # may claim the place of lower-salience goals; those cancels are only carried out if
-        # the target then gets its ATP.
+        # Targets in salience order across sources (the head of each source's queue), up to
+        # the state's limit and each block's concurrency. In a preempting state a target may
+        # claim the place of lower-salience goals; those cancels are only carried out if the
+        # target then gets its ATP.
         chosen: List[_Choice] = []
         claimed: Dict[int, Tuple[Dispatch, _Pending, str]] = {}
 
         def running() -> int:
             return len(self.active) - len(claimed)
 
-        for p in eligible:
+        def full() -> Set[str]:
+            planned: Dict[str, int] = {}
+            for c in chosen:
+                planned[c.block.name] = planned.get(c.block.name, 0) + 1
+            return self._full(planned, claimed)
+
+        def choose(p: _Pending) -> str:
+            """'' when `p` is chosen, else why it waits."""
+            targets = (f'{policy.max_targets} target'
+                       f'{"s" if policy.max_targets != 1 else ""} at once')
             if len(chosen) >= policy.max_targets:
-                reasons[p.turn_id] = (f'{state} serves {policy.max_targets} target'
-                                      f'{"s" if policy.max_targets != 1 else ""} at once')
-                continue
-            block, why = self._route(p)
+                return f'{state} serves {targets}'
+            block, why, _ = self._route(p, full())
             if block is None:
-                reasons[p.turn_id] = 'no loaded block offers conversation on text'
-                continue
+                return self.waiting_reason()
             mine: List[int] = []
             if policy.preempt:
                 lower = [d for d in self.active.values() if d.turn_id not in claimed
@@ -618,13 +685,34 @@ class Kernel:
                     d = lower.pop()          # the least salient first
                     claimed[d.turn_id] = (d, p, 'it needs the slot')
                     mine.append(d.turn_id)
+            wait = ''
             if running() + len(chosen) >= policy.max_targets:
+                wait = f'busy: {state} runs {targets.replace("target", "goal")}'
+            elif block.name in full():
+                n = block.concurrency
+                wait = f'busy: {block.name!r} works on {n} goal{"s" if n != 1 else ""} at once'
+            if wait:
                 for turn in mine:
                     del claimed[turn]
-                reasons[p.turn_id] = (f'busy: {state} runs {policy.max_targets} goal'
-                                      f'{"s" if policy.max_targets != 1 else ""} at once')
-                continue
+                return wait
             chosen.append(_Choice(p, block, why, mine))
+            return ''
+
+        while queues:
+            source, queue = min(queues.items(), key=lambda kv: _sort_key(kv[1][0]))
+            head = queue.popleft()
+            why = choose(head)
+            if why:
+                reasons[head.turn_id] = why
+                for p in queue:   # never before an earlier observation of the same source
+                    reasons[p.turn_id] = f'after turn {head.turn_id} of {source!r}: {why}'
+                del queues[source]
+            elif not queue:
+                del queues[source]
+            elif policy.min_period_s > 0:
+                for p in queue:
+                    reasons[p.turn_id] = f'{state} serves {source!r} {every}'
+                del queues[source]
 
         def pool() -> float:    # this cycle's pool, counting what the claimed cancels return
             a = self.config.atp
@@ -636,7 +724,7 @@ class Kernel:
             alloc = self._allocate(pool(), chosen)
             if all(alloc[c.pending.turn_id] >= self.config.atp.min_grant for c in chosen):
                 break
-            drop = chosen.pop()    # the least salient of the chosen
+            drop = chosen.pop()    # the last chosen: no later one of its source was chosen
             for turn in drop.claims:
                 del claimed[turn]
             reasons[drop.pending.turn_id] = (
@@ -644,9 +732,14 @@ class Kernel:
                 f'grants {policy.spend_fraction:.0%} of the available ATP per cycle')
         for d, claimant, why in claimed.values():
             preemptions.append(self._preempt(d, claimant, why, now))
-        dispatches = [self._dispatch(c.pending, c.block, c.why,
-                                     min(alloc[c.pending.turn_id], self.ledger.available), now)
-                      for c in chosen]
+        dispatches = []
+        for i, c in enumerate(chosen):
+            planned: Dict[str, int] = {}
+            for later in chosen[i + 1:]:
+                planned[later.block.name] = planned.get(later.block.name, 0) + 1
+            dispatches.append(self._dispatch(
+                c.pending, c.block, c.why, min(alloc[c.pending.turn_id], self.ledger.available),
+                now, self._full(planned)))
 
         deferred = []
         for turn, reason in reasons.items():
@@ -676,11 +769,11 @@ class Kernel:
         return allocate(pool, requests, self.config.atp.trust_floor)
 
     def _dispatch(self, p: _Pending, block: BlockDescriptor, why: str, alloc: float,
-                  now: float) -> Dispatch:
+                  now: float, full: Collection[str] = ()) -> Dispatch:
         a, r = self.config.atp, self.config.routing
         kind = self._kind(block)
         if kind == KIND_REASONING and alloc < r.reasoning_min_grant:
-            fallback = self._conversation_block()
+            fallback = self._conversation_block(full)   # one with a free slot
             if fallback is not None:
                 why = (f'complex, but a {alloc:.1f} ATP share is below '
                        f'{r.reasoning_min_grant:.1f} for reasoning')
@@ -698,7 +791,7 @@ class Kernel:
         d = Dispatch(p.turn_id, p.sensor_id, p.text, block, kind, grant, budget, now + deadline_s,
                      p.received_at, now, p.score.total, p.complexity, max_new_tokens,
                      r.reasoning_max_steps if kind == KIND_REASONING else 0, p.state, why,
-                     p.score)
+                     p.score, p.observation_id)
         del self.pending[p.turn_id]
         self.active[p.turn_id] = d
         self.dispatches_total += 1
@@ -761,6 +854,25 @@ class Kernel:
                               f'{"succeeded" if result.success else "failed"}, '
                               f'{charged:.2f} ATP charged, {refunded:.2f} returned')
         return Settlement(d, charged, refunded, value, trust)
+
+    def block_lost(self, block: str, reason: str, now: float,
+                   keep: Callable[[int], bool] = lambda turn: False) -> List[Lost]:
+        """Every goal running on `block` (but those `keep` names) fails now: its process
+        stopped or restarted, so no result will come. Each is charged one run (the rest of its
+        grant returns) and the block's trust learns the failure; a dead process is not a failed
+        answer, so it does not count toward a failure crisis."""
+        self._tick(now)
+        out = []
+        for turn, d in list(self.active.items()):
+            if d.block.name != block or keep(turn):
+                continue
+            del self.active[turn]
+            charged, _ = self.ledger.settle(d.atp_grant, self.config.atp.per_run)
+            self.trust.record(block, KIND_BLOCK, Result(False, now - d.dispatched_at,
+                                                        d.deadline - d.dispatched_at), now)
+            self.last_decision = f'turn {turn}: failed ({reason})'
+            out.append(Lost(turn, block, reason, charged))
+        return out
 
     def _failed(self, block: str, outcome: Result, now: float) -> float:
         self._failures += 1

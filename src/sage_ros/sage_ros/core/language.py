@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from .answers import length_hint as length_hint_text
 from .blocks import BlockType, CapabilityBlock
 from .conversation import Conversation
 from .models import GenerationResult, Generator, StopFn, TextFn
@@ -30,13 +31,15 @@ class LanguageBlock(CapabilityBlock):
     def __init__(self, generator: Generator, conversation: Optional[Conversation] = None,
                  roles: Optional[RoleMap] = None, max_new_tokens: int = 0,
                  temperature: float = 0.0,
-                 classify: Callable[[str], Complexity] = estimate_complexity) -> None:
+                 classify: Callable[[str], Complexity] = estimate_complexity,
+                 length_hint: bool = False) -> None:
         self.generator = generator
         self.classify = classify
         self.conversation = conversation or Conversation()
         self.roles = roles or RoleMap()
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.length_hint = length_hint   # tell the model a turn's token cap in the system prompt
 
     @property
     def capabilities(self) -> Tuple[str, ...]:
@@ -61,12 +64,16 @@ class LanguageBlock(CapabilityBlock):
                 should_stop: Optional[StopFn] = None, ephemeral: bool = False,
                 context: str = '') -> LanguageAnswer:
         """Answer `text`. The exchange is recorded only if the generation succeeded and the turn
-        is not `ephemeral`; `context` is shown to the model for this turn only."""
+        is not `ephemeral`; `context` is shown to the model for this turn only. The answer is
+        capped by the turn's `max_new_tokens` (an ATP grant) and the block's, whichever is
+        lower; with `length_hint` the model is told that cap when the turn sets one."""
         complexity = complexity or self.classify(text)
         role = self.roles.role_for(complexity)
+        cap = min((n for n in (max_new_tokens, self.max_new_tokens) if n > 0), default=0)
+        note = length_hint_text(cap) if self.length_hint and max_new_tokens > 0 else ''
         result = self.generator.generate(
-            role, self.conversation.messages_for(text, context),
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            role, self.conversation.messages_for(text, context, note),
+            max_new_tokens=cap,
             temperature=self.temperature, on_text=on_text, should_stop=should_stop,
             complexity=complexity.value)
         if not ephemeral:

@@ -5,7 +5,9 @@ participant lease runs out (about 20 s with Fast DDS defaults) and never notices
 the graph watches heartbeats instead: a node is gone after `timeout_s` without one, and a new
 `instance_id` under the same name means the node restarted (its goals are lost).
 
-Times are monotonic seconds: liveness must not follow a simulated clock.
+Times are monotonic seconds: liveness must not follow a simulated clock. A silence is confirmed
+by a second look at least `confirm_s` later before the node counts as gone: a starved process
+runs its timers before the heartbeats waiting in its queue, and must not call a live node dead.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ class Beat:
 class LivenessMonitor:
     """Latest heartbeat per node, and who stopped sending."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, confirm_s: float = 0.2) -> None:
         if not timeout_s > 0:
             raise ValueError('liveness timeout must be > 0')
         self.timeout_s = timeout_s
+        self.confirm_s = confirm_s
         self._latest: Dict[str, Tuple[Beat, float]] = {}
         self._gone: Dict[str, Beat] = {}
+        self._suspect: Dict[str, float] = {}    # node -> when its silence was first seen
 
     def beat(self, b: Beat, now: float) -> Optional[str]:
         """Record a heartbeat. Returns NEW (first seen), RESTARTED (new instance: what the old
         one was doing is lost), BACK (same instance after being declared gone) or None."""
         prev = self._latest.get(b.node)
+        self._suspect.pop(b.node, None)
         was_gone = self._gone.pop(b.node, None)
         self._latest[b.node] = (b, now)
         old = prev[0] if prev is not None else was_gone
@@ -54,11 +59,16 @@ class LivenessMonitor:
         return BACK if was_gone is not None else None
 
     def expire(self, now: float) -> List[Beat]:
-        """Nodes silent for longer than the timeout, each returned once, when it goes."""
+        """Nodes silent for longer than the timeout, seen so by two calls `confirm_s` apart;
+        each is returned once, when it goes."""
         gone = []
         for node, (b, seen) in list(self._latest.items()):
-            if now - seen > self.timeout_s:
+            if now - seen <= self.timeout_s:
+                continue
+            first = self._suspect.setdefault(node, now)
+            if now - first >= self.confirm_s:
                 del self._latest[node]
+                del self._suspect[node]
                 self._gone[node] = b
                 gone.append(b)
         return gone

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Protocol,
                     Sequence, Tuple)
 
+from .answers import cut_to_sentence
 from .context import (ContextOverflow, FittedContext, SummaryCache, fit_to_window,
                       summary_request)
 from .conversation import ChatTurn
@@ -330,6 +331,8 @@ class GenerationResult:
     fallback: str = ''         # why another role answered ('' if the requested one did)
     decision: str = ''         # policy action: use, load, swap, substitute, fallback
     context: Optional[FittedContext] = None  # what the model received, fitted to its window
+    truncated: bool = False    # stopped at max_new_tokens without its end: `text` was cut back
+                               # to its last sentence end (a prefix of what streamed)
 
 
 class Generator(Protocol):
@@ -379,6 +382,22 @@ def _device_allocated(device: str) -> int:
     if device.startswith('cuda') and torch.cuda.is_available():
         return int(torch.cuda.memory_allocated(torch.device(device)))
     return 0
+
+
+def cuda_available() -> bool:
+    import torch
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(device: str, cpu_fallback: bool) -> Tuple[str, str]:
+    """(device to load on, why it is not the configured one ('' if it is)). `auto` = cuda when
+    available, else cpu; a cuda device falls back to the cpu without CUDA if `cpu_fallback`."""
+    if device == 'auto':
+        return ('cuda' if cuda_available() else 'cpu'), ''
+    if device.startswith('cuda') and cpu_fallback and not cuda_available():
+        return 'cpu', (f'configured for {device} but CUDA is not available: loading on the '
+                       'CPU (set cpu_fallback false to fail instead)')
+    return device, ''
 
 
 def available_memory(device: str) -> int:
@@ -1000,8 +1019,14 @@ class ModelPool:
             raise ModelError(f'generation failed: {output["error"]}') from output['error']
         if stop_flag():
             raise Cancelled('generation cancelled')
-        completion = int(output['ids'].shape[-1]) - prompt_tokens
-        return GenerationResult(text=''.join(pieces).strip(), model_id=entry.spec.model_id,
+        ids = output['ids'][0]
+        completion = int(ids.shape[-1]) - prompt_tokens
+        text = ''.join(pieces).strip()
+        truncated = False
+        if completion >= budget and int(ids[-1]) not in _eos_ids(model, tok):
+            text, _ = cut_to_sentence(text)   # kept whole when it has no sentence end
+            truncated = True
+        return GenerationResult(text=text, truncated=truncated, model_id=entry.spec.model_id,
                                 role=entry.spec.role, swapped=swapped,
                                 prompt_tokens=prompt_tokens, completion_tokens=max(0, completion),
                                 time_to_first_token_s=ttft or (time.monotonic() - t0),
@@ -1027,6 +1052,18 @@ class ModelPool:
                                     False, time.monotonic(), fit=False)
             return result.text
         return summarize
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Token ids that end a generation: the generation config's and the tokenizer's."""
+    ids = set()
+    for value in (getattr(model.generation_config, 'eos_token_id', None),
+                  tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
 
 
 def _prompt_tokens(tokenizer: Any, messages: Sequence[ChatTurn]) -> int:

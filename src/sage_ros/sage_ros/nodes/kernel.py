@@ -4,55 +4,82 @@ Thin by design: it declares one parameter per engine constant (documentation, un
 come from the core dataclasses), converts messages, turns the engine's decisions into action
 goals, cancels and messages, and logs. A cycle runs at `cycle_rate_hz` and after every
 observation.
+
+Observations come typed on `observations/text` (the sender's id and source) or bare on
+`text_in` (source 'text', id '<source>/<turn>'); every answer carries both. The graph is ready
+(`KernelState.ready`) when a conversation block beats ready on `heartbeat` and its action server
+is reachable; until then observations wait. A block whose heartbeat stops (killed, hung) or
+whose instance changes (restarted) fails its running goals at once and counts as not loaded
+until it beats ready again.
+
+Time: stamps, the cycle and the engine's `now` follow the node clock, so with `use_sim_time`
+decisions follow `/clock`. On the system clock the engine runs on wall time at start advanced by
+the monotonic clock, so a wall-clock step (NTP at boot) cannot fire or stall deadlines. Liveness
+and readiness are checked on the steady clock: a process is gone after real seconds of silence,
+even while a simulation is paused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
 
 import numpy as np
 from action_msgs.msg import GoalStatus
+from builtin_interfaces.msg import Time
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionClient
 from rclpy.action.client import ClientGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType, ROSClock
 from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
 from sage_interfaces.action import Language, Memory, Perception, Reasoning
 from sage_interfaces.msg import (BlockDescription, KernelState, Response, ResponseChunk, Salience,
-                                 TrustLevel)
+                                 TextObservation, TrustLevel)
 from std_msgs.msg import String
 
 from .. import names
 from ..core.blocks import BlockDescriptor, BlockType
 from ..core.embeddings import EmbeddingError, minilm_path, shared_embedder
 from ..core.kernel import (ACTION_LANGUAGE, ACTION_REASONING, KIND_REASONING, CycleResult,
-                           Dispatch, Kernel, KernelConfig, Rejection, WorkResult, config_params,
-                           config_with)
+                           Dispatch, Kernel, KernelConfig, Rejection, WorkResult,
+                           config_params, config_with)
+from ..core.liveness import RESTARTED, Beat
 from ..core.metabolism import NONE, MetabolicState
 from ..core.routing import Complexity
 from ..core.salience import SalienceScore, SnarcSalience, ngram_embedder
 from ..core.store import StateStore, resolve_state_file
-from .common import (LATCHED, LATCHED_MANY, RELIABLE, ConfigError, declare, declare_router,
-                     run_node, stamp)
+from .common import (LATCHED, LATCHED_MANY, OBSERVATIONS_IN, RELIABLE, ConfigError, declare,
+                     declare_router, run_node)
+from .liveness import HeartbeatPublisher, LivenessWatch, declare_liveness_timeout
 
-TEXT_SENSOR_ID = 'text'
+TEXT_SENSOR_ID = 'text'    # the source of `text_in`, and of a TextObservation that names none
 # Every block action of the contract and its type; the kernel is the client of all of them.
 BLOCK_ACTIONS = {names.BLOCK_LANGUAGE: Language, names.BLOCK_PERCEPTION: Perception,
                  names.BLOCK_MEMORY: Memory, names.BLOCK_REASONING: Reasoning}
 EMBEDDERS = ('minilm', 'ngram')
+CONVERSATION = 'conversation'
+READINESS_PERIOD_S = 0.1    # [s] how often block heartbeats and servers are checked (steady)
+# Answers out: as deep as observations in, so a burst's 1,000 answers (most saying why they were
+# not served) are not overwritten in the writer's history before a slow reader takes them.
+ANSWERS_OUT = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 F = TypeVar('F', bound=Callable[..., Any])
 
 
 def _locked(method: F) -> F:
     """Run a callback under the node's lock: action futures complete on executor tasks outside
-    the kernel's callback group, and parameter callbacks on the default group."""
+    the kernel's callback group, and parameter and liveness callbacks on their own groups."""
     @functools.wraps(method)
     def wrapper(self: 'KernelNode', *args: Any, **kwargs: Any) -> Any:
         with self._lock:
@@ -98,6 +125,11 @@ def _ros_value(value: Any) -> Any:
     return value
 
 
+def first_turn_id() -> int:
+    """Turn ids increase across kernel restarts: the counter starts at wall ms * 1000."""
+    return int(time.time() * 1000) * 1000
+
+
 class KernelNode(Node):
     """Thin adapter over `core.kernel.Kernel`: every decision is made there."""
 
@@ -106,9 +138,6 @@ class KernelNode(Node):
                  **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self._lock = threading.RLock()    # parameter callbacks run outside the kernel's group
-        # The engine's clock: wall time at start advanced by the monotonic clock, so a wall-clock
-        # step (NTP at boot) cannot fire or stall deadlines, dwell, idle time or recharge, while
-        # circadian phase and persisted trust times stay close to wall time. Stamps stay wall.
         self._clock_offset = time.time() - time.monotonic()
         config = self._declare_engine_parameters()
         cycle_rate_hz = declare(self, 'cycle_rate_hz', 10.0,
@@ -125,6 +154,7 @@ class KernelNode(Node):
                                 'Text embeddings for novelty and surprise: "minilm" (offline '
                                 'MiniLM) or "ngram" (hashed character n-grams, no model)',
                                 read_only=True)
+        self._liveness_timeout_s = declare_liveness_timeout(self)
         if embedder_name not in EMBEDDERS:
             raise ConfigError(f'salience.text_embedder must be one of {", ".join(EMBEDDERS)}, '
                               f'got {embedder_name!r}')
@@ -135,41 +165,90 @@ class KernelNode(Node):
         except (OSError, sqlite3.Error) as exc:   # a directory, unwritable, not a database
             raise ConfigError(f'state_file {str(path)!r} cannot be used: {exc}') from None
         scorer = SnarcSalience(self._embedder, config.salience, config.weights)
-        self.core = Kernel(scorer, config, store=store, now=self._now())
+        self.core = Kernel(scorer, config, store=store, now=self._now(),
+                           first_turn=first_turn_id())
         if complexity is None:
             complexity = declare_router(self, 'that decides language vs. reasoning')
         self.core.complexity = complexity
         self._embedder.warm_up()
 
-        # One group: observations, results and timers never race on the core's state.
+        # One group: observations, results and timers never race on the core's state, and the
+        # action clients are only used from it. rclpy's ActionClient is not thread-safe: a goal
+        # (or result) request sent from another thread can be answered before its future is
+        # registered, and the answer is dropped ("Ignoring unexpected goal response"), leaving
+        # the turn to its deadline. Futures' done callbacks and liveness callbacks run outside
+        # the group, so they hand their work to it (`_in_group`).
         self._group = MutuallyExclusiveCallbackGroup()
+        self._inbox: Deque[Callable[[], None]] = deque()
+        self._wake = self.create_guard_condition(self._drain_inbox, callback_group=self._group)
         self._block_clients: Dict[str, ActionClient] = {
             self.resolve_topic_name(name): ActionClient(self, action, name,
                                                         callback_group=self._group)
             for name, action in BLOCK_ACTIONS.items()}
         self._dispatches: Dict[int, Dispatch] = {}      # sent or being sent, not yet answered
         self._goals: Dict[int, ClientGoalHandle] = {}
+        self._sent_to: Dict[int, str] = {}    # turn -> instance id of the block it was sent to
+        self._descriptions: Dict[str, BlockDescriptor] = {}   # as announced, by block name
+        self._usable: Dict[str, bool] = {}                    # heartbeat ready + server reachable
+        self._fresh: set[str] = set()                         # descriptions not registered yet
+        self._stopped: Dict[str, str] = {}     # block -> why it counts as stopped, until it beats
+        self.ready = False
+        self.ready_reason = 'starting'
 
-        self._response_pub = self.create_publisher(Response, names.RESPONSE, RELIABLE)
+        self._response_pub = self.create_publisher(Response, names.RESPONSE, ANSWERS_OUT)
         self._stream_pub = self.create_publisher(ResponseChunk, names.RESPONSE_STREAM, RELIABLE)
-        self._salience_pub = self.create_publisher(Salience, names.SALIENCE, RELIABLE)
+        self._salience_pub = self.create_publisher(Salience, names.SALIENCE, ANSWERS_OUT)
         self._state_pub = self.create_publisher(KernelState, names.STATE, LATCHED)
-        self.create_subscription(String, names.TEXT_IN, self._on_text, RELIABLE,
+        self.create_subscription(String, names.TEXT_IN, self._on_text, OBSERVATIONS_IN,
                                  callback_group=self._group)
+        self.create_subscription(TextObservation, names.OBSERVATIONS_TEXT, self._on_observation,
+                                 OBSERVATIONS_IN, callback_group=self._group)
         self.create_subscription(BlockDescription, names.BLOCKS_DESCRIPTION, self._on_block,
                                  LATCHED_MANY, callback_group=self._group)
         self.create_timer(1.0 / cycle_rate_hz, self._on_cycle_timer, callback_group=self._group)
         self.create_timer(state_period_s, self._publish_state, callback_group=self._group)
+        self._heartbeat = HeartbeatPublisher(self, '', self._beat_status)
+        self._watch = LivenessWatch(
+            self, self._liveness_timeout_s,
+            on_gone=lambda beat: self._in_group(lambda: self._on_gone(beat)),
+            on_event=lambda event, beat: self._in_group(
+                lambda: self._on_liveness_event(event, beat)))
+        self.create_timer(READINESS_PERIOD_S, self._on_readiness_timer,
+                          callback_group=self._group, clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
-        self._publish_state()
         self.get_logger().info(
-            f'kernel ready: listening on {self.resolve_topic_name(names.TEXT_IN)}, '
-            f'{self.core.state.value}, ATP {self.core.ledger.level:.0f}/'
-            f'{self.core.ledger.capacity:.0f}, state in {path or "memory only"}')
+            f'kernel listening on {self.resolve_topic_name(names.OBSERVATIONS_TEXT)} and '
+            f'{self.resolve_topic_name(names.TEXT_IN)}, {self.core.state.value}, ATP '
+            f'{self.core.ledger.level:.0f}/{self.core.ledger.capacity:.0f}, state in '
+            f'{path or "memory only"}')
+        with self._lock:
+            self._refresh_readiness(force=True)     # publishes the first state
+
+    def _in_group(self, work: Callable[[], None]) -> None:
+        """Run `work` in the kernel's callback group, soon (from any thread)."""
+        self._inbox.append(work)
+        self._wake.trigger()
+
+    @_locked
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self._inbox.popleft()()
+
+    # ---- time --------------------------------------------------------------------------------
+    def _sim_time(self) -> bool:
+        clock = self.get_clock()
+        return isinstance(clock, ROSClock) and clock.ros_time_is_active
 
     def _now(self) -> float:
+        """The engine's clock [s]: simulated time with use_sim_time, else wall time at start
+        advanced monotonically."""
+        if self._sim_time():
+            return self.get_clock().now().nanoseconds * 1e-9
         return time.monotonic() + self._clock_offset
+
+    def _stamp(self) -> Time:
+        return self.get_clock().now().to_msg()
 
     def destroy_node(self) -> None:
         """Write the lazily persisted state (sensor trust) before going away."""
@@ -204,11 +283,10 @@ class KernelNode(Node):
         changes = {p.name: p.value for p in params if p.name in self._engine_params}
         if not changes:
             return SetParametersResult(successful=True)
-        with self._lock:
-            try:
-                config_with(self.core.config, changes)
-            except ValueError as exc:
-                return SetParametersResult(successful=False, reason=str(exc))
+        try:
+            config_with(self.core.config, changes)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
 
     @_locked
@@ -216,12 +294,11 @@ class KernelNode(Node):
         changes = {p.name: p.value for p in params if p.name in self._engine_params}
         if not changes:
             return
-        with self._lock:
-            self.core.reconfigure(config_with(self.core.config, changes))
+        self.core.reconfigure(config_with(self.core.config, changes))
         self.get_logger().info('parameters changed: ' + ', '.join(
             f'{k}={v}' for k, v in sorted(changes.items())))
 
-    # ---- inputs ------------------------------------------------------------------------------
+    # ---- blocks, liveness, readiness ---------------------------------------------------------
     @_locked
     def _on_block(self, msg: BlockDescription) -> None:
         try:
@@ -229,29 +306,139 @@ class KernelNode(Node):
         except ValueError:
             self.get_logger().warning(f'ignoring block {msg.name!r}: unknown type {msg.block_type!r}')
             return
-        with self._lock:
-            self.core.blocks.update(BlockDescriptor(
-                name=msg.name, block_type=block_type, capabilities=tuple(msg.capabilities),
-                modalities=tuple(msg.modalities), action_name=msg.action_name,
-                action_type=msg.action_type, loaded=msg.loaded,
-                memory_estimate_bytes=msg.memory_estimate_bytes))
+        # A block that does not say how many goals it takes at once gets one.
+        self._descriptions[msg.name] = BlockDescriptor(
+            name=msg.name, block_type=block_type, capabilities=tuple(msg.capabilities),
+            modalities=tuple(msg.modalities), action_name=msg.action_name,
+            action_type=msg.action_type, loaded=msg.loaded,
+            memory_estimate_bytes=msg.memory_estimate_bytes,
+            concurrency=int(msg.concurrency) or 1)
+        self._fresh.add(msg.name)            # registered again with its usability
         self.get_logger().info(f'block {msg.name!r} ({msg.block_type}) on {msg.action_name}: '
-                               f'{", ".join(msg.capabilities)}; loaded={msg.loaded}')
-        self._publish_state()
+                               f'{", ".join(msg.capabilities)}; loaded={msg.loaded}, '
+                               f'concurrency {int(msg.concurrency) or 1}')
+        self._refresh_readiness(force=True)
+
+    def _block_status(self, desc: BlockDescriptor) -> Tuple[bool, str]:
+        """(usable, why not): its heartbeat says ready and its action server is reachable."""
+        beat = self._watch.block(desc.name)
+        if beat is None:
+            return False, self._stopped.get(desc.name, f'the {desc.name} block has not sent a '
+                                                       'heartbeat yet')
+        if not beat.ready:
+            return False, (f'the {desc.name} block is not ready: '
+                           f'{beat.not_ready_reason or "it gives no reason"}')
+        client = self._block_clients.get(desc.action_name)
+        if client is not None and not client.server_is_ready():
+            return False, f'the {desc.name} block is not reachable on {desc.action_name}'
+        return True, ''
+
+    def _refresh_readiness(self, force: bool = False) -> None:
+        """Blocks count as loaded while they beat ready and their server is reachable; the
+        graph is ready when such a block offers conversation. Publishes state on a change."""
+        changed = force
+        reasons: List[str] = []
+        for name, desc in self._descriptions.items():
+            usable, why = self._block_status(desc)
+            was = self._usable.get(name)
+            if was != usable or name in self._fresh:
+                changed = True
+                self._fresh.discard(name)
+                self._usable[name] = usable
+                self.core.blocks.update(dataclasses.replace(desc, loaded=usable))
+                if usable and not was:
+                    self.get_logger().info(f'block {name!r} serves')
+                elif was and not usable:
+                    self.get_logger().warning(f'block {name!r} does not serve: {why}')
+                elif was is None:
+                    self.get_logger().info(f'block {name!r} does not serve yet: {why}')
+            if not usable and desc.serves(CONVERSATION, 'text'):
+                reasons.append(why)
+        if not self._descriptions or not any(d.serves(CONVERSATION, 'text')
+                                             for d in self._descriptions.values()):
+            reasons = ['no block offering conversation has announced itself']
+        ready = any(self._usable.get(n) and d.serves(CONVERSATION, 'text')
+                    for n, d in self._descriptions.items())
+        reason = '' if ready else '; '.join(reasons)
+        if (ready, reason) != (self.ready, self.ready_reason):
+            changed = True
+            if ready:
+                self.get_logger().info('ready: a conversation block serves')
+            elif self.ready:
+                self.get_logger().warning(f'not ready: {reason}')
+            else:
+                self.get_logger().info(f'not ready: {reason}')
+            self.ready, self.ready_reason = ready, reason
+            self.core.graph_reason = reason
+            self._heartbeat.publish()
+        if changed:
+            self._run_cycle(publish=True)
 
     @_locked
+    def _on_readiness_timer(self) -> None:
+        self._refresh_readiness()
+
+    def _beat_status(self) -> Tuple[bool, str, int, int]:
+        """The kernel's heartbeat: ready as `state` says, goals running and waiting."""
+        return self.ready, self.ready_reason, len(self.core.active), len(self.core.pending)
+
+    @_locked
+    def _on_gone(self, beat: Beat) -> None:
+        if not beat.block:
+            return
+        timeout = self._liveness_timeout_s
+        self._stopped[beat.block] = f'the {beat.block} block stopped (no heartbeat for {timeout:.1f} s)'
+        self._lose_block(beat.block, f'the {beat.block} block stopped (no heartbeat for '
+                                     f'{timeout:.1f} s); ask again when it is back')
+
+    @_locked
+    def _on_liveness_event(self, event: str, beat: Beat) -> None:
+        if not beat.block:
+            return
+        self._stopped.pop(beat.block, None)
+        if event == RESTARTED:
+            self.get_logger().warning(f'block {beat.block!r} restarted ({beat.node}, instance '
+                                      f'{beat.instance_id})')
+            # Only goals sent to an earlier instance are lost: one dispatched the moment the new
+            # instance's first beat made the block usable again is in good hands.
+            self._lose_block(beat.block, f'the {beat.block} block restarted and lost the goal; '
+                                         'ask again',
+                             keep=lambda turn: self._sent_to.get(turn) == beat.instance_id)
+        self._refresh_readiness(force=True)
+
+    def _lose_block(self, block: str, reason: str,
+                    keep: Callable[[int], bool] = lambda turn: False) -> None:
+        """Fail every goal running on `block` now (but those `keep` names): no result will
+        come from a dead process."""
+        lost = self.core.block_lost(block, reason, self._now(), keep)
+        for x in lost:
+            self._goals.pop(x.turn_id, None)     # its server is gone: nothing to cancel
+            self._finish_failed(x.turn_id, x.reason, x.charged)
+        if lost:
+            self.get_logger().warning(f'{len(lost)} goal(s) on {block!r} failed: {reason}')
+        self._refresh_readiness(force=True)
+
+    # ---- inputs ------------------------------------------------------------------------------
+    @_locked
     def _on_text(self, msg: String) -> None:
-        with self._lock:
-            obs = self.core.observe(TEXT_SENSOR_ID, msg.data, self._now())
+        self._observe(TEXT_SENSOR_ID, msg.data, '')
+
+    @_locked
+    def _on_observation(self, msg: TextObservation) -> None:
+        self._observe(msg.source or TEXT_SENSOR_ID, msg.text, msg.observation_id)
+
+    def _observe(self, source: str, text: str, observation_id: str) -> None:
+        obs = self.core.observe(source, text, self._now(), observation_id)
         if obs.rejection is not None:
             r = obs.rejection
-            self.get_logger().warning(f'turn {r.turn_id} rejected: {r.reason}')
+            self.get_logger().warning(f'turn {r.turn_id} ({r.observation_id}) rejected: '
+                                      f'{r.reason}')
             self._response_pub.publish(self._rejected(r))
         # Dispatch first: the goal is on its way before salience and state are published.
         out = self.core.cycle(self._now())
         self._act_on(out)
         if obs.score is not None:
-            self._publish_salience(obs.turn_id, obs.sensor_id, obs.score)
+            self._publish_salience(obs.turn_id, obs.observation_id, obs.sensor_id, obs.score)
         self._publish_state()
 
     @_locked
@@ -283,7 +470,7 @@ class KernelNode(Node):
             self._cancel(p.turn_id)
             self._finish_failed(p.turn_id, p.reason, p.charged)
         for r in out.expired:
-            log.warning(f'turn {r.turn_id} dropped: {r.reason}')
+            log.warning(f'turn {r.turn_id} ({r.observation_id}) dropped: {r.reason}')
             self._response_pub.publish(self._rejected(r))
         for turn, reason in out.deferred:
             log.info(f'turn {turn} waits: {reason}')
@@ -300,6 +487,8 @@ class KernelNode(Node):
     # ---- dispatch ----------------------------------------------------------------------------
     def _send(self, d: Dispatch) -> None:
         self._dispatches[d.turn_id] = d
+        beat = self._watch.block(d.block.name)
+        self._sent_to[d.turn_id] = beat.instance_id if beat is not None else ''
         client = self._block_clients.get(d.block.action_name)
         if client is None or d.block.action_type not in (ACTION_LANGUAGE, ACTION_REASONING):
             self._not_started(d, f'block {d.block.name!r} serves {d.block.action_type} on '
@@ -316,24 +505,26 @@ class KernelNode(Node):
         else:
             goal = Language.Goal(turn_id=d.turn_id, text=d.text, complexity=d.complexity.value,
                                  atp_budget=float(d.atp_budget), max_new_tokens=d.max_new_tokens)
-        self.get_logger().info(f'turn {d.turn_id} -> {d.block.name} ({d.atp_grant:.1f} ATP, '
-                               f'salience {d.salience:.2f}, {d.reason}): {d.text[:60]!r}')
+        self.get_logger().info(f'turn {d.turn_id} ({d.observation_id}) -> {d.block.name} '
+                               f'({d.atp_grant:.1f} ATP, salience {d.salience:.2f}, {d.reason}): '
+                               f'{d.text[:60]!r}')
         future = client.send_goal_async(
             goal, feedback_callback=lambda fb: self._on_feedback(d, fb))
-        future.add_done_callback(lambda f: self._on_goal_response(d, f))
+        future.add_done_callback(lambda f: self._in_group(lambda: self._on_goal_response(d, f)))
 
     @_locked
     def _on_goal_response(self, d: Dispatch, future: Future) -> None:
         handle = future.result()
         if d.turn_id not in self._dispatches:
             if handle is not None and handle.accepted:
-                handle.cancel_goal_async()   # preempted or timed out while being sent
+                handle.cancel_goal_async()   # preempted, timed out or its block lost meanwhile
             return
         if handle is None or not handle.accepted:
             self._not_started(d, f'block {d.block.name!r} refused the goal')
             return
         self._goals[d.turn_id] = handle
-        handle.get_result_async().add_done_callback(lambda f: self._on_result(d, f))
+        handle.get_result_async().add_done_callback(
+            lambda f: self._in_group(lambda: self._on_result(d, f)))
 
     @_locked
     def _on_feedback(self, d: Dispatch, feedback: Any) -> None:
@@ -344,14 +535,16 @@ class KernelNode(Node):
             self.get_logger().debug(f'turn {d.turn_id}: reasoning step {fb.step}, energy '
                                     f'{fb.energy:.2f}: {fb.summary}')
         elif fb.text:
-            self._stream_pub.publish(ResponseChunk(turn_id=d.turn_id, text=fb.text,
-                                                   model=fb.model))
+            self._stream_pub.publish(ResponseChunk(
+                turn_id=d.turn_id, observation_id=d.observation_id, source=d.sensor_id,
+                text=fb.text, model=fb.model))
 
     @_locked
     def _on_result(self, d: Dispatch, future: Future) -> None:
         self._goals.pop(d.turn_id, None)
+        self._sent_to.pop(d.turn_id, None)
         if self._dispatches.pop(d.turn_id, None) is None:
-            return   # already answered (preempted or timed out)
+            return   # already answered (preempted, timed out, its block lost)
         wrapped = future.result()
         result = wrapped.result
         ok = wrapped.status == GoalStatus.STATUS_SUCCEEDED and result.error_code == result.NONE
@@ -360,11 +553,11 @@ class KernelNode(Node):
                               converged=bool(result.converged))
         else:
             work = WorkResult(ok, completion_tokens=int(result.completion_tokens))
-        with self._lock:
-            settled = self.core.complete(d.turn_id, work, self._now())
+        settled = self.core.complete(d.turn_id, work, self._now())
         charged = settled.charged if settled is not None else 0.0
         if ok:
             msg = self._response(d, Response.STATUS_OK, '', charged)
+            msg.truncated = bool(getattr(result, 'truncated', False))
             if d.kind == KIND_REASONING:
                 msg.text = result.answer
                 msg.model, msg.role, msg.swapped = result.model, result.role, result.swapped
@@ -385,8 +578,9 @@ class KernelNode(Node):
                 msg.requested_role, msg.fallback = result.requested_role, result.fallback
                 self.get_logger().info(
                     f'turn {d.turn_id} answered by {result.model} ({result.role}, '
-                    f'{msg.complexity}{", swapped" if result.swapped else ""}, '
-                    f'{charged:.1f} ATP) in {msg.latency_s:.2f} s')
+                    f'{msg.complexity}{", swapped" if result.swapped else ""}'
+                    f'{", shortened" if msg.truncated else ""}, {charged:.1f} ATP) in '
+                    f'{msg.latency_s:.2f} s')
         else:
             reason = result.error_msg or f'goal ended with status {wrapped.status}'
             msg = self._response(d, Response.STATUS_FAILED, reason, charged)
@@ -395,46 +589,49 @@ class KernelNode(Node):
         self._run_cycle(publish=True)    # a slot and ATP came free
 
     def _not_started(self, d: Dispatch, reason: str) -> None:
-        with self._lock:
-            self.core.complete(d.turn_id, WorkResult(False, started=False), self._now())
+        self.core.complete(d.turn_id, WorkResult(False, started=False), self._now())
         self._finish_failed(d.turn_id, reason, 0.0)
         self._publish_state()
 
     def _finish_failed(self, turn: int, reason: str, charged: float) -> None:
         d = self._dispatches.pop(turn, None)
         self._goals.pop(turn, None)
+        self._sent_to.pop(turn, None)
         if d is None:
             return
-        self.get_logger().error(f'turn {turn} failed: {reason}')
+        self.get_logger().error(f'turn {turn} ({d.observation_id}) failed: {reason}')
         self._response_pub.publish(self._response(d, Response.STATUS_FAILED, reason, charged))
 
     # ---- outputs -----------------------------------------------------------------------------
     def _response(self, d: Dispatch, status: int, error: str, charged: float) -> Response:
         return Response(
-            stamp=stamp(), turn_id=d.turn_id, source=d.sensor_id, input_text=d.text,
-            status=status, error=error, block=d.block.name, complexity=d.complexity.value,
+            stamp=self._stamp(), turn_id=d.turn_id, observation_id=d.observation_id,
+            source=d.sensor_id, input_text=d.text, status=status, error=error,
+            block=d.block.name, complexity=d.complexity.value,
             latency_s=float(self._now() - d.received_at), salience=float(d.salience),
             atp_spent=float(charged), metabolic_state=d.metabolic_state)
 
     def _rejected(self, r: Rejection) -> Response:
-        return Response(stamp=stamp(), turn_id=r.turn_id, source=r.sensor_id, input_text=r.text,
-                        status=Response.STATUS_REJECTED, error=r.reason,
-                        salience=float(r.salience), metabolic_state=r.metabolic_state)
+        return Response(stamp=self._stamp(), turn_id=r.turn_id, observation_id=r.observation_id,
+                        source=r.sensor_id, input_text=r.text, status=Response.STATUS_REJECTED,
+                        error=r.reason, salience=float(r.salience),
+                        metabolic_state=r.metabolic_state)
 
-    def _publish_salience(self, turn_id: int, sensor_id: str, s: SalienceScore) -> None:
+    def _publish_salience(self, turn_id: int, observation_id: str, sensor_id: str,
+                          s: SalienceScore) -> None:
         self._salience_pub.publish(Salience(
-            stamp=stamp(), turn_id=turn_id, sensor_id=sensor_id, surprise=s.surprise,
-            novelty=s.novelty, arousal=s.arousal, reward=s.reward, conflict=s.conflict,
-            total=s.total, confidence=s.confidence, stance=s.stance,
-            weights=[float(w) for w in s.weights]))
+            stamp=self._stamp(), turn_id=turn_id, observation_id=observation_id,
+            sensor_id=sensor_id, surprise=s.surprise, novelty=s.novelty, arousal=s.arousal,
+            reward=s.reward, conflict=s.conflict, total=s.total, confidence=s.confidence,
+            stance=s.stance, weights=[float(w) for w in s.weights]))
 
     @_locked
     def _publish_state(self) -> None:
-        with self._lock:
-            snap = self.core.snapshot(self._now())
-            blocks = sorted(b.name for b in self.core.blocks if b.loaded)
+        snap = self.core.snapshot(self._now())
+        blocks = sorted(b.name for b in self.core.blocks if b.loaded)
         self._state_pub.publish(KernelState(
-            stamp=stamp(), metabolic_state=snap.metabolic_state,
+            stamp=self._stamp(), ready=self.ready, ready_reason=self.ready_reason,
+            metabolic_state=snap.metabolic_state,
             previous_state=snap.previous_state, transition_reason=snap.transition_reason,
             atp_level=float(snap.atp_level), atp_capacity=float(snap.atp_capacity),
             atp_reserved=float(snap.atp_reserved), max_targets=snap.max_targets,

@@ -1,18 +1,31 @@
-"""Language block node: the `blocks/language` action over `core.language.LanguageBlock`."""
+"""Language block node: the `blocks/language` action over `core.language.LanguageBlock`.
+
+One conversation, so one goal at a time: goals wait in a bounded FIFO (`max_goals`) holding no
+executor thread, and answers come out in the order the turns came in (`concurrency` 1 in the
+block description). The block follows its model manager by heartbeat and `models/status`:
+`loaded` in the description and `ready` in its own heartbeat say whether the model manager is
+alive, active, has a model loaded and its `generate` server is reachable. A generation whose
+model manager stops (killed, hung) or restarts fails at once with MODEL_UNAVAILABLE and the
+reason; a restarted model manager is used again as soon as it is ready.
+
+`temperature`, `roles.*`, `system_prompt`, `max_new_tokens`, `max_exchanges`, `length_hint`,
+`max_goals` and the two waits take effect when set at run time (`ros2 param set`); `router`
+is read-only.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
-from action_msgs.msg import GoalStatus
-from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.action import ActionClient, ActionServer, GoalResponse
 from rclpy.action.server import ServerGoalHandle
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from sage_interfaces.action import Generate, Language
-from sage_interfaces.msg import BlockDescription, ChatMessage
+from sage_interfaces.msg import BlockDescription, ChatMessage, ModelStatus
 from sage_interfaces.srv import ResetConversation
 
 from .. import names
@@ -20,52 +33,53 @@ from ..core.conversation import DEFAULT_SYSTEM_PROMPT, ChatTurn, Conversation
 from ..core.language import LanguageBlock
 from ..core.models import Cancelled, GenerationResult, ModelError, StopFn, TextFn
 from ..core.routing import Complexity, RoleMap
+from .action_call import CallCancelled, CallError, Dependency, call_action
 from .common import LATCHED, ConfigError, declare, declare_router, run_node, stamp
+from .goal_queue import GoalQueue
+from .liveness import HeartbeatPublisher, declare_liveness_timeout
+
+STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
+ROLE_PARAMS = tuple(f'roles.{c.value}' for c in Complexity)
+# Applied at run time by the post-set callback (the others are read-only or read per use).
+RUNTIME_PARAMS = frozenset((*ROLE_PARAMS, 'system_prompt', 'max_exchanges', 'max_new_tokens',
+                            'temperature', 'length_hint', 'model_manager_wait_s',
+                            'generate_timeout_s'))
 
 
 class ModelManagerClient:
-    """`core.models.Generator` over the model manager's `generate` action."""
+    """`core.models.Generator` over the model manager's `generate` action; a generation whose
+    model manager stops or restarts fails at once (`Dependency`)."""
 
-    def __init__(self, node: Node, server_wait_s: float, timeout_s: float) -> None:
+    def __init__(self, node: Node, manager: Dependency, server_wait_s: float, timeout_s: float,
+                 stopping: threading.Event) -> None:
         self._node = node
-        self._client = ActionClient(node, Generate, names.MODEL_GENERATE,
-                                    callback_group=ReentrantCallbackGroup())
-        self._server_wait_s = server_wait_s
-        self._timeout_s = timeout_s
+        self.client = ActionClient(node, Generate, names.MODEL_GENERATE,
+                                   callback_group=ReentrantCallbackGroup())
+        self.manager = manager
+        self.server_wait_s = server_wait_s
+        self.timeout_s = timeout_s
+        self._stopping = stopping
 
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
                  should_stop: Optional[StopFn] = None,
                  complexity: Optional[str] = None) -> GenerationResult:
-        if not self._client.wait_for_server(timeout_sec=self._server_wait_s):
-            raise ModelError(f'model manager not reachable on '
-                             f'{self._node.resolve_topic_name(names.MODEL_GENERATE)}')
         goal = Generate.Goal(role=role, max_new_tokens=max_new_tokens, temperature=temperature,
-                             complexity=complexity or '',
-                             messages=[ChatMessage(role=m.role, content=m.content) for m in messages])
-        done = threading.Event()
-        sent = self._client.send_goal_async(
-            goal, feedback_callback=(lambda fb: on_text(fb.feedback.text)) if on_text else None)
-        sent.add_done_callback(lambda _: done.set())
-        if not done.wait(self._server_wait_s):
-            raise ModelError('model manager did not answer the goal request')
-        handle = sent.result()
-        if handle is None or not handle.accepted:
-            raise ModelError('model manager refused the goal (is it active?)')
-        done.clear()
-        result_future = handle.get_result_async()
-        result_future.add_done_callback(lambda _: done.set())
-        deadline = time.monotonic() + self._timeout_s
-        while not done.wait(0.05):
-            if (should_stop and should_stop()) or time.monotonic() > deadline:
-                handle.cancel_goal_async()
-                done.wait(5.0)
-                if time.monotonic() > deadline:
-                    raise ModelError(f'generation took longer than {self._timeout_s:.0f} s')
-                raise Cancelled('generation cancelled')
-        wrapped = result_future.result()
+                             complexity=complexity or '', messages=[
+                                 ChatMessage(role=m.role, content=m.content) for m in messages])
+        stop = should_stop or (lambda: False)
+        try:
+            wrapped = call_action(
+                self.client, goal, what='model manager', server_wait_s=self.server_wait_s,
+                timeout_s=self.timeout_s, should_stop=lambda: stop() or self._stopping.is_set(),
+                on_feedback=(lambda fb: on_text(fb.feedback.text)) if on_text else None,
+                gone=self.manager.guard(), abandon=self._stopping.is_set)
+        except CallCancelled as exc:
+            raise Cancelled(str(exc)) from None
+        except CallError as exc:
+            raise ModelError(str(exc)) from None
         res: Generate.Result = wrapped.result
-        if wrapped.status == GoalStatus.STATUS_CANCELED or res.error_code == res.CANCELLED:
+        if res.error_code == res.CANCELLED:
             raise Cancelled('generation cancelled')
         if res.error_code != res.NONE:
             raise ModelError(res.error_msg or f'generation failed (code {res.error_code})')
@@ -74,7 +88,7 @@ class ModelManagerClient:
                                 completion_tokens=res.completion_tokens,
                                 time_to_first_token_s=res.time_to_first_token_s,
                                 duration_s=res.duration_s, requested_role=res.requested_role,
-                                fallback=res.fallback)
+                                fallback=res.fallback, truncated=res.truncated)
 
 
 class LanguageBlockNode(Node):
@@ -101,51 +115,213 @@ class LanguageBlockNode(Node):
                                  min_value=0, max_value=100_000)
         temperature = declare(self, 'temperature', 0.0, 'Sampling temperature; 0 = greedy',
                               min_value=0.0, max_value=5.0)
-        generator = ModelManagerClient(
-            self,
+        length_hint = declare(self, 'length_hint', True,
+                              'Tell the model its length budget in the system prompt when a turn '
+                              'comes with a token cap (an ATP grant), so it ends on a sentence')
+        declare(self, 'max_goals', 8,
+                'Goals running or waiting at once (one runs, the others wait in FIFO order); '
+                'more are refused', min_value=1, max_value=1000)
+        self._stopping = threading.Event()
+        timeout_s = declare_liveness_timeout(self)
+        self._manager_name = names.qualify(names.MODEL_MANAGER, self.get_namespace())
+        self.manager = Dependency(self, self._manager_name, 'model manager', timeout_s,
+                                  on_change=self._check_ready)
+        # Ephemeral goals are the reasoning block's steps: when it stops, nobody waits for them.
+        self._requester = Dependency(
+            self, names.qualify(names.REASONING_BLOCK, self.get_namespace()), 'reasoning block',
+            timeout_s, on_change=self._drop_orphans)
+        self._models: Optional[ModelStatus] = None
+        self.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_models, LATCHED,
+                                 callback_group=MutuallyExclusiveCallbackGroup())
+        self.generator = ModelManagerClient(
+            self, self.manager,
             server_wait_s=declare(self, 'model_manager_wait_s', 10.0,
                                   'How long to wait for the model manager per request [s]',
                                   min_value=0.0, max_value=3600.0),
             timeout_s=declare(self, 'generate_timeout_s', 300.0,
                               'Longest a generation may take [s]', min_value=1.0,
-                              max_value=86400.0))
+                              max_value=86400.0),
+            stopping=self._stopping)
         classify = declare_router(self, 'for turns that arrive without one')
-        self.block = LanguageBlock(generator, conversation, roles, max_new_tokens, temperature,
-                                   classify)
-        self._turn_lock = threading.Lock()  # one conversation: turns are answered in order
+        self.block = LanguageBlock(self.generator, conversation, roles, max_new_tokens,
+                                   temperature, classify, length_hint=length_hint)
+        self._turn_lock = threading.Lock()  # the conversation: the running turn, or a reset
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
 
-        group = ReentrantCallbackGroup()
+        self._ready: Tuple[bool, str] = (False, 'starting')
+        self._ready_lock = threading.Lock()
+        self._check_lock = threading.Lock()
+        self._requester_restarts = 0
+        self._heartbeat = HeartbeatPublisher(self, 'language', self._liveness)
+        self.queue = GoalQueue('language block', lambda: int(self._p('max_goals')), self._dropped,
+                               concurrency=1, on_change=self._heartbeat.publish)
         self._server = ActionServer(
-            self, Language, names.BLOCK_LANGUAGE, execute_callback=self._execute,
-            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=group)
+            self, Language, names.BLOCK_LANGUAGE, execute_callback=self.queue.wrap(self._execute),
+            goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
+            cancel_callback=self.queue.cancel_callback,
+            callback_group=MutuallyExclusiveCallbackGroup())
         self.create_service(ResetConversation, names.LANGUAGE_RESET, self._on_reset,
-                            callback_group=group)
+                            callback_group=ReentrantCallbackGroup())
         self._description_pub = self.create_publisher(BlockDescription, names.BLOCKS_DESCRIPTION,
                                                       LATCHED)
+        self._publish_description()
+        self.create_timer(self._heartbeat.period_s / 2, self._check_ready,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.get_logger().info(f'language block on {self.resolve_topic_name(names.BLOCK_LANGUAGE)}'
+                               f' (roles: {roles}); waiting for the model manager '
+                               f'{self._manager_name}')
+
+    def _p(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    # ---- readiness -----------------------------------------------------------------------
+    def _on_models(self, msg: ModelStatus) -> None:
+        self._models = msg
+        self._check_ready()
+
+    def readiness(self) -> Tuple[bool, str]:
+        """Whether the block can answer now: its model manager alive, ready (active with a
+        model), said so on models/status, and its generate server reachable."""
+        ok, why = self.manager.state()
+        if not ok:
+            return False, why
+        models = self._models
+        if models is None:
+            return False, 'no models/status from the model manager yet'
+        if models.lifecycle_state != 'active':
+            return False, f'model manager {models.lifecycle_state}'
+        if not models.loaded and not models.loading_role:
+            return False, f'no model loaded ({models.error or "unknown"})'
+        if not self.generator.client.server_is_ready():
+            return False, (f'model manager generate server not reachable on '
+                           f'{self.resolve_topic_name(names.MODEL_GENERATE)}')
+        return True, ''
+
+    def _check_ready(self) -> None:
+        """Follow readiness (timer, heartbeats, models/status): on a change, log it once and
+        republish the description and the heartbeat. One check at a time, so the last one out
+        is never stale."""
+        with self._check_lock:
+            if self._stopping.is_set():
+                return
+            ready = self.readiness()
+            with self._ready_lock:
+                changed, self._ready = ready != self._ready, ready
+            if not changed:
+                return
+            if ready[0]:
+                self.get_logger().info('model manager ready: language block serving')
+            else:
+                self.get_logger().warning(f'language block not ready: {ready[1]}')
+            self._publish_description()
+            self._heartbeat.publish()
+
+    def _liveness(self) -> Tuple[bool, str, int, int]:
+        active, queued = self.queue.counts()
+        with self._ready_lock:
+            ready, why = self._ready
+        if self._stopping.is_set():
+            ready, why = False, 'shutting down'
+        return ready, why, active, queued
+
+    def _publish_description(self) -> None:
         desc = self.block.describe(self.resolve_topic_name(names.BLOCK_LANGUAGE),
                                    'sage_interfaces/action/Language')
+        with self._ready_lock:
+            loaded = self._ready[0]
         self._description_pub.publish(BlockDescription(
             stamp=stamp(), name=desc.name, block_type=desc.block_type.value,
             capabilities=list(desc.capabilities), modalities=list(desc.modalities),
-            action_name=desc.action_name, action_type=desc.action_type, loaded=desc.loaded,
-            memory_estimate_bytes=desc.memory_estimate_bytes))
-        self.get_logger().info(f'language block ready on {desc.action_name} (roles: {roles})')
+            action_name=desc.action_name, action_type=desc.action_type, loaded=loaded,
+            memory_estimate_bytes=desc.memory_estimate_bytes,
+            concurrency=self.queue.concurrency))
 
+    # ---- parameters ----------------------------------------------------------------------
+    def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        """Refuse, with the reason, a value that cannot work (`ros2 param set`)."""
+        for p in params:
+            if p.name in ROLE_PARAMS or p.name == 'system_prompt':
+                if not isinstance(p.value, str):
+                    return SetParametersResult(successful=False,
+                                               reason=f'{p.name} must be a string')
+            if p.name in ROLE_PARAMS and not p.value.strip():
+                return SetParametersResult(successful=False,
+                                           reason=f'{p.name}: a role name must not be empty')
+            models = self._models
+            if p.name in ROLE_PARAMS and models is not None and models.available_roles \
+                    and p.value not in models.available_roles:
+                return SetParametersResult(successful=False, reason=(
+                    f'{p.name}: {p.value!r} is not a model manager role '
+                    f'({", ".join(models.available_roles)})'))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, params: List[Parameter]) -> None:
+        block = getattr(self, 'block', None)
+        changed = {p.name for p in params} & RUNTIME_PARAMS
+        if block is None or not changed:
+            return    # a declaration (this callback also sees those), or nothing of ours
+        conversation = block.conversation
+        if changed & set(ROLE_PARAMS):
+            block.roles = RoleMap(**{c.value: self._p(f'roles.{c.value}') for c in Complexity})
+        if 'system_prompt' in changed:
+            conversation.system_prompt = self._p('system_prompt')
+        if 'max_exchanges' in changed:
+            conversation.set_max_exchanges(self._p('max_exchanges'))
+        if 'max_new_tokens' in changed:
+            block.max_new_tokens = self._p('max_new_tokens')
+        if 'temperature' in changed:
+            block.temperature = self._p('temperature')
+        if 'length_hint' in changed:
+            block.length_hint = self._p('length_hint')
+        if 'model_manager_wait_s' in changed:
+            self.generator.server_wait_s = self._p('model_manager_wait_s')
+        if 'generate_timeout_s' in changed:
+            self.generator.timeout_s = self._p('generate_timeout_s')
+        self.get_logger().info(f'parameters changed: {", ".join(sorted(changed))}')
+
+    # ---- the action ----------------------------------------------------------------------
     def _on_goal(self, goal: Language.Goal) -> GoalResponse:
         if not goal.text.strip():
             self.get_logger().warning(f'turn {goal.turn_id}: refused, empty text')
             return GoalResponse.REJECT
+        refusal = 'shutting down' if self._stopping.is_set() else self.queue.refusal()
+        if refusal:
+            self.get_logger().warning(f'turn {goal.turn_id}: refused, {refusal}')
+            return GoalResponse.REJECT
         return GoalResponse.ACCEPT
+
+    def _dropped(self, gh: ServerGoalHandle, reason: Optional[str]) -> Language.Result:
+        result = Language.Result()
+        if reason is None:
+            result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
+            if gh.is_cancel_requested:
+                gh.canceled()
+            else:   # the cancel was accepted but is not on the goal yet: end it anyway
+                gh.abort()
+        else:
+            result.error_code, result.error_msg = result.FAILED, reason or 'not answered'
+            gh.abort()
+        return result
 
     def _execute(self, gh: ServerGoalHandle) -> Language.Result:
         goal: Language.Goal = gh.request
         result = Language.Result()
+        if gh.is_cancel_requested:     # cancelled just as its turn came
+            gh.canceled()
+            result.error_code, result.error_msg = result.CANCELLED, 'cancelled'
+            return result
         try:
             complexity = Complexity.parse(goal.complexity) if goal.complexity else None
         except ValueError as exc:
             gh.abort()
             result.error_code, result.error_msg = result.INVALID_INPUT, str(exc)
+            return result
+        ready, why = self.readiness()
+        if not ready:      # say why now rather than wait for a model manager that cannot serve
+            self.get_logger().error(f'turn {goal.turn_id}: {why}')
+            gh.abort()
+            result.error_code, result.error_msg = result.MODEL_UNAVAILABLE, why
             return result
         produced = [0]
 
@@ -153,15 +329,26 @@ class LanguageBlockNode(Node):
             produced[0] += 1
             gh.publish_feedback(Language.Feedback(text=piece, completion_tokens=produced[0]))
 
+        orphaned = self._requester.guard() if goal.ephemeral else (lambda: None)
         with self._turn_lock:
             try:
-                answer = self.block.respond(goal.text, complexity, goal.max_new_tokens,
-                                            on_text=on_text,
-                                            should_stop=lambda: gh.is_cancel_requested,
-                                            ephemeral=goal.ephemeral, context=goal.context)
+                answer = self.block.respond(
+                    goal.text, complexity, goal.max_new_tokens, on_text=on_text,
+                    should_stop=lambda: gh.is_cancel_requested or orphaned() is not None,
+                    ephemeral=goal.ephemeral, context=goal.context)
             except Cancelled:
-                gh.canceled()
                 result.error_code, result.error_msg = result.CANCELLED, 'cancelled'
+                if gh.is_cancel_requested:
+                    gh.canceled()
+                    return result
+                result.error_code = result.FAILED
+                abandoned = orphaned()
+                if abandoned:
+                    result.error_msg = f'step abandoned: {abandoned}'
+                    self.get_logger().warning(f'turn {goal.turn_id}: {result.error_msg}')
+                else:
+                    result.error_msg = 'the language block is shutting down'
+                gh.abort()
                 return result
             except ModelError as exc:
                 self.get_logger().error(f'turn {goal.turn_id}: {exc}')
@@ -173,19 +360,54 @@ class LanguageBlockNode(Node):
         result.complexity, result.swapped = answer.complexity.value, g.swapped
         result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
         result.requested_role, result.fallback = g.requested_role, g.fallback
+        result.truncated = g.truncated
         if g.fallback:
             self.get_logger().warning(f'turn {goal.turn_id}: {g.role} answered instead of '
                                       f'{g.requested_role}: {g.fallback}')
         gh.succeed()
         return result
 
+    def _drop_orphans(self) -> None:
+        """The reasoning block stopped or restarted: its waiting steps are answered now (the
+        running one sees it through its guard)."""
+        reason, restarts = self._requester.gone_reason, self._requester.restarts
+        with self._ready_lock:
+            restarted, self._requester_restarts = restarts != self._requester_restarts, restarts
+        if not reason and not restarted:
+            return        # first seen, or back: nothing was lost
+        reason = reason or 'the reasoning block restarted'
+        dropped = self.queue.drop_waiting(lambda gh: bool(gh.request.ephemeral),
+                                          f'step abandoned: {reason}')
+        if dropped:
+            self.get_logger().warning(f'{dropped} waiting reasoning step(s) abandoned: {reason}')
+
     def _on_reset(self, request: ResetConversation.Request,
                   response: ResetConversation.Response) -> ResetConversation.Response:
         with self._turn_lock:
             response.turns_forgotten = self.block.conversation.clear()
         response.success = True
-        self.get_logger().info(f'conversation reset ({response.turns_forgotten} exchanges forgotten)')
+        self.get_logger().info(f'conversation reset ({response.turns_forgotten} exchanges '
+                               'forgotten)')
         return response
+
+    def _say_stopping(self) -> None:
+        """A last heartbeat, not ready: dependants react now, not after liveness_timeout_s."""
+        try:
+            self._heartbeat.publish()
+        except Exception:  # noqa: BLE001 - the context may be shut down already: nothing to say
+            pass
+
+    def destroy_node(self) -> None:
+        """Bounded (~3 s) even during a generation: the running call is cancelled and not
+        waited out; waiting goals are answered."""
+        self._stopping.set()
+        self._say_stopping()
+        self.queue.close('the language block is shutting down')
+        self.queue.drop_queued('the language block is shutting down')
+        if not self.queue.wait_idle(STOP_WAIT_S):
+            self.get_logger().warning('a turn was still running at shutdown')
+        self._server.destroy()   # a late goal's succeed/abort become no-ops, not errors
+        super().destroy_node()
 
 
 def main(args: Optional[List[str]] = None) -> int:

@@ -14,6 +14,7 @@ import uuid
 from typing import Callable, List, Optional, Tuple
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sage_interfaces.msg import Heartbeat
@@ -22,13 +23,18 @@ from .. import names
 from ..core.liveness import Beat, LivenessMonitor
 from .common import declare
 
-# Latest-only, best effort: a lost heartbeat is replaced by the next one.
+# Reliable, so a loaded machine does not drop beats and make a live node look dead.
 HEARTBEAT_QOS = QoSProfile(depth=20, history=HistoryPolicy.KEEP_LAST,
-                           reliability=ReliabilityPolicy.BEST_EFFORT,
+                           reliability=ReliabilityPolicy.RELIABLE,
                            durability=DurabilityPolicy.VOLATILE)
 
 # (ready, not_ready_reason, goals_active, goals_queued)
 StatusFn = Callable[[], Tuple[bool, str, int, int]]
+
+
+def steady_clock() -> Clock:
+    """Liveness runs on steady time: a paused or replayed `/clock` must not stop heartbeats."""
+    return Clock(clock_type=ClockType.STEADY_TIME)
 
 
 def _always_ready() -> Tuple[bool, str, int, int]:
@@ -56,7 +62,7 @@ class HeartbeatPublisher:
         self._pub = node.create_publisher(Heartbeat, names.HEARTBEAT, HEARTBEAT_QOS)
         self._fqn = node.get_fully_qualified_name()
         node.create_timer(self.period_s, self.publish,
-                          callback_group=MutuallyExclusiveCallbackGroup())
+                          callback_group=MutuallyExclusiveCallbackGroup(), clock=steady_clock())
 
     def publish(self) -> None:
         """Send a heartbeat now (also on every change of readiness, so it shows at once)."""
@@ -80,14 +86,15 @@ class LivenessWatch:
 
     def __init__(self, node: Node, timeout_s: float, on_gone: Optional[GoneFn] = None,
                  on_event: Optional[EventFn] = None) -> None:
-        self.monitor = LivenessMonitor(timeout_s)
+        period = min(0.25, timeout_s / 4)
+        self.monitor = LivenessMonitor(timeout_s, confirm_s=period)
         self._lock = threading.Lock()   # the monitor is read from other callback groups
         self._on_gone: List[GoneFn] = [on_gone] if on_gone else []
         self._on_event: List[EventFn] = [on_event] if on_event else []
         group = MutuallyExclusiveCallbackGroup()
         node.create_subscription(Heartbeat, names.HEARTBEAT, self._on_beat, HEARTBEAT_QOS,
                                  callback_group=group)
-        node.create_timer(min(0.25, timeout_s / 4), self._check, callback_group=group)
+        node.create_timer(period, self._check, callback_group=group, clock=steady_clock())
 
     def _on_beat(self, msg: Heartbeat) -> None:
         beat = Beat(node=msg.node, instance_id=msg.instance_id, block=msg.block,

@@ -1,12 +1,19 @@
 """Model manager lifecycle node: loads models by role and serves `generate` and `swap`.
 
-configure checks the configuration and STARTS loading the default role in the node's loader
-thread, then returns at once (SUCCESS unless the configuration is unusable), so lifecycle and
-parameter services answer during a long load; `models/status.loading_role` shows the load and
-a goal that arrives meanwhile waits for it. activate opens the actions to goals, deactivate
-closes them, cleanup cancels a running load and unloads everything (in the loader thread; the
-status lists the models until they are gone), shutdown does the same and waits for it.
-With `autostart` the node configures and activates itself.
+The lifecycle states are truthful: configure returns once the default role (or one of its
+fallbacks) has loaded, FAILURE with the reason when nothing can load; lifecycle services run
+on a reentrant group and parameter services on the default one, so both answer during a long
+load. `active` = a model is loaded and `generate` serves. deactivate closes both actions,
+answers waiting goals with INACTIVE and stops the running one; cleanup returns after every
+model is unloaded and its memory given back; shutdown does the same. With `autostart` the node
+configures and activates itself.
+
+Generate and swap goals wait in ONE bounded FIFO (`max_goals`, running + waiting) and run one
+at a time: a waiting goal holds no executor thread. The node's heartbeat says `ready` while
+it is active with a model loaded (or loading for a goal).
+
+A model entry configured for CUDA loads on the CPU when CUDA is absent (`cpu_fallback`, said
+once per role); `device: auto` means CUDA when available, else the CPU.
 
 Model entries (`models.<role>.*`), the memory budget and the swap policy may be changed at run
 time (`ros2 param set`): values are validated, and a resident model whose path, dtype or device
@@ -19,13 +26,17 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+from rclpy.action import ActionServer, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle.node import LifecycleNodeMixin
+from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sage_interfaces.action import Generate, SwapModel
 from sage_interfaces.msg import LoadedModel, ModelStatus, SwapRecord
@@ -34,14 +45,17 @@ from .. import names
 from ..core.conversation import ChatTurn
 from ..core.models import (DTYPE_BYTES, Cancelled, LoadError, LoadProgress,
                            ModelError, ModelPool, ModelSpec, ProgressFn, SwapEvent, UnknownRole,
-                           available_memory, inspect_weights, locate_model_dir)
+                           available_memory, inspect_weights, locate_model_dir, resolve_device)
 from ..core.store import StateStore, resolve_state_file
 from ..core.swap_policy import GIB, PolicyConfig, SwapPolicy
 from .common import LATCHED, ConfigError, declare, run_node, stamp
+from .goal_queue import GoalQueue
+from .liveness import HeartbeatPublisher
 
 ENTRY_FIELDS = ('model_id', 'path', 'dtype', 'device', 'max_new_tokens', 'context_window',
                 'keep_resident', 'priority', 'fallback')
 NO_FALLBACK = 'none'
+STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
 
 
 def default_fallback(roles: List[str], role: str) -> List[str]:
@@ -62,17 +76,25 @@ class ModelManagerNode(LifecycleNode):
     """Lifecycle adapter over `core.models.ModelPool`; model loads run in a loader thread."""
 
     def __init__(self, node_name: str = names.MODEL_MANAGER, **kwargs: object) -> None:
-        super().__init__(node_name, **kwargs)  # type: ignore[arg-type]
+        # LifecycleNode.__init__ cannot pass a callback group for the lifecycle services: run
+        # its two parts here, with a reentrant group, so that get_state (and a refused second
+        # transition) answer while configure loads; parameter services stay on the default one.
+        Node.__init__(self, node_name, **kwargs)  # type: ignore[arg-type]
+        LifecycleNodeMixin.__init__(self, enable_communication_interface=True,
+                                    callback_group=ReentrantCallbackGroup())
+        self._guard_change_state()
         self.pool: Optional[ModelPool] = None
         self._retiring: List[ModelPool] = []   # pools being unloaded after cleanup
         self._active = False
         self._state_label = 'unconfigured'
         self._error = ''                       # configuration error ('' if none)
         self._cancel = threading.Event()       # set to cancel the loader thread's current job
-        self._goals_lock = threading.Lock()
+        self._goal_stop = threading.Event()    # set to stop running goals (deactivate, destroy)
+        self._stop_reason = ''                 # why they stop ('' = the client cancelled)
         self._status_lock = threading.RLock()
-        self._goals_in_flight = 0              # generate and swap goals accepted, not yet done
+        self._device_notes: Set[str] = set()   # device fallbacks already said
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix='model-loader')
+        self._jobs: List['Future[str]'] = []   # loader jobs not yet known to be done
         # Called at every step of every load (the loader thread's or a goal's); tests use it to
         # hold a load open.
         self.load_listeners: List[ProgressFn] = []
@@ -89,19 +111,47 @@ class ModelManagerNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self._status_pub = self.create_publisher(ModelStatus, names.MODELS_STATUS, LATCHED)
-        group = ReentrantCallbackGroup()
+        self._last_ready: Optional[Tuple[bool, str]] = None
+        self._heartbeat = HeartbeatPublisher(self, '', self._liveness)
+        # Generate and swap share one FIFO, one goal at a time; their goal requests are handled
+        # in one mutually exclusive group, which keeps the max_goals count exact.
+        self.queue = GoalQueue('model manager', lambda: int(self._p('max_goals')), self._dropped,
+                               concurrency=1, on_change=self._heartbeat.publish)
+        self.queue.close('model manager is not active')
+        group = MutuallyExclusiveCallbackGroup()
         self._generate = ActionServer(
-            self, Generate, names.MODEL_GENERATE, execute_callback=self._counted(self._execute_generate),
-            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=group)
+            self, Generate, names.MODEL_GENERATE,
+            execute_callback=self.queue.wrap(self._execute_generate), goal_callback=self._on_goal,
+            handle_accepted_callback=self.queue.handle_accepted,
+            cancel_callback=self.queue.cancel_callback, callback_group=group)
         self._swap = ActionServer(
-            self, SwapModel, names.MODEL_SWAP, execute_callback=self._counted(self._execute_swap),
-            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=group)
+            self, SwapModel, names.MODEL_SWAP, execute_callback=self.queue.wrap(self._execute_swap),
+            goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
+            cancel_callback=self.queue.cancel_callback, callback_group=group)
         self._publish_status()
         if self._p('autostart'):
             self._autostart_timer = self.create_timer(
                 0.1, self._autostart, callback_group=MutuallyExclusiveCallbackGroup())
+
+    def _guard_change_state(self) -> None:
+        """rclpy raises from the change_state service on a transition the current state does
+        not have (activate while configuring): that would end the executor's spin. Answer
+        success=false with the reason in the log instead, as rclcpp does."""
+        service = self._service_change_state
+        inner = service.callback
+
+        def change_state(request: ChangeState.Request, response: ChangeState.Response
+                         ) -> ChangeState.Response:
+            try:
+                return inner(request, response)
+            except _rclpy.RCLError as exc:
+                state = self._state_machine.current_state[1]
+                what = request.transition.label or f'id {request.transition.id}'
+                self.get_logger().warning(f'transition {what} refused in state {state!r}: '
+                                          f'{str(exc).splitlines()[0]}')
+                response.success = False
+                return response
+        service.callback = change_state
 
     # ---- parameters --------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
@@ -116,7 +166,8 @@ class ModelManagerNode(LifecycleNode):
                     f'local cache) of the {role} model')
             declare(self, m + 'dtype', 'bfloat16',
                     f'torch dtype to load with ({", ".join(DTYPE_BYTES)})')
-            declare(self, m + 'device', 'cpu', 'torch device (cpu, cuda, cuda:N, mps)')
+            declare(self, m + 'device', 'cpu', 'torch device (cpu, cuda, cuda:N, mps, or auto = '
+                    'cuda when available, else cpu)')
             declare(self, m + 'max_new_tokens', 128,
                     'Cap on answer length; a request may ask for fewer [tokens]',
                     min_value=1, max_value=100_000)
@@ -158,8 +209,11 @@ class ModelManagerNode(LifecycleNode):
         declare(self, 'history_size', 20, 'Swaps listed in models/status', read_only=True,
                 min_value=1, max_value=1000)
         declare(self, 'max_goals', 4,
-                'Generate and swap goals running or waiting at once; more are refused',
-                min_value=1, max_value=64)
+                'Generate and swap goals running or waiting at once (one runs, the others wait '
+                'in FIFO order holding no thread); more are refused', min_value=1, max_value=64)
+        declare(self, 'cpu_fallback', True,
+                'A model entry configured for CUDA loads on the CPU when CUDA is not available '
+                '(said once per role); false = such a role fails to load', read_only=True)
         declare(self, 'state_file', '',
                 "Swap history database; '' = <state dir>/model_manager.db, 'none' = not kept",
                 read_only=True)
@@ -186,6 +240,12 @@ class ModelManagerNode(LifecycleNode):
     def _spec(self, role: str, override: Optional[Dict[str, Any]] = None) -> ModelSpec:
         values = {k: self._p(f'models.{role}.{k}') for k in ENTRY_FIELDS}
         values.update(override or {})
+        if values['device'] == 'auto' or str(values['device']).startswith('cuda'):
+            device, note = resolve_device(values['device'], self._p('cpu_fallback'))
+            if note and override is None and role not in self._device_notes:
+                self._device_notes.add(role)
+                self.get_logger().warning(f'role {role!r}: {note}')
+            values['device'] = device
         if not values['path']:
             raise ValueError(f'parameter models.{role}.path is empty')
         fallback = tuple(r for r in values.pop('fallback') if r != NO_FALLBACK)
@@ -244,18 +304,27 @@ class ModelManagerNode(LifecycleNode):
         self._publish_status()
 
     # ---- loader thread ---------------------------------------------------------------------
-    def _submit(self, job: Callable[[], None]) -> 'Future[None]':
-        def run() -> None:
+    def _submit(self, job: Callable[[], None]) -> 'Future[str]':
+        """Run `job` in the loader thread; the future holds its error in words ('' = done)."""
+        def run() -> str:
+            error = ''
             try:
                 job()
             except Cancelled as exc:
-                self.get_logger().info(str(exc))
+                error = str(exc)
+                self.get_logger().info(error)
             except ModelError as exc:
-                self.get_logger().error(str(exc))
+                error = str(exc)
+                self.get_logger().error(error)
             except Exception as exc:  # a bug must not kill the loader thread silently
-                self.get_logger().error(f'loader thread: {type(exc).__name__}: {exc}')
+                error = f'loader thread: {type(exc).__name__}: {exc}'
+                self.get_logger().error(error)
             self._publish_status()
-        return self._loader.submit(run)
+            return error
+        self._jobs = [j for j in self._jobs if not j.done()]
+        job_future = self._loader.submit(run)
+        self._jobs.append(job_future)
+        return job_future
 
     def _on_load_progress(self, p: LoadProgress) -> None:
         for fn in list(self.load_listeners):
@@ -279,6 +348,7 @@ class ModelManagerNode(LifecycleNode):
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Returns once the default role (or a fallback) is loaded; FAILURE if none can be."""
         try:
             pool = ModelPool(self._specs(), self._default_role, self._p('max_resident'),
                              policy=SwapPolicy(self._policy_config()), store=self._store,
@@ -287,19 +357,29 @@ class ModelManagerNode(LifecycleNode):
             self._apply_settings(pool)
             self._check_loadable(pool)
         except (ModelError, ValueError) as exc:
-            self._error = str(exc)
-            self.get_logger().error(f'configure failed: {exc}')
-            self._publish_status()
-            return TransitionCallbackReturn.FAILURE
+            return self._configure_failed(str(exc))
         self._error = ''
         pool.listeners.append(self._publish_status)
         pool.progress_listeners.append(self._on_load_progress)
         self.pool = pool
         self._cancel = cancel = threading.Event()
+        self._state_label = 'configuring'
+        self._publish_status()
+        error = self._submit(lambda: self._load_default(pool, cancel)).result()
+        if error or not pool.loaded():
+            self.pool = None
+            self._submit(pool.unload_all).result()
+            return self._configure_failed(error or 'no model loaded')
         self._state_label = 'inactive'
-        self._submit(lambda: self._load_default(pool, cancel))
         self._publish_status()
         return TransitionCallbackReturn.SUCCESS
+
+    def _configure_failed(self, error: str) -> TransitionCallbackReturn:
+        self._error = error
+        self._state_label = 'unconfigured'
+        self.get_logger().error(f'configure failed: {error}')
+        self._publish_status()
+        return TransitionCallbackReturn.FAILURE
 
     def _check_loadable(self, pool: ModelPool) -> None:
         """Fail configure at once when neither the default role nor any of its fallbacks has
@@ -315,27 +395,47 @@ class ModelManagerNode(LifecycleNode):
         raise LoadError('; '.join(errors))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._goal_stop.clear()
+        self._stop_reason = ''
         self._active = True
         self._state_label = 'active'
+        self.queue.close('')
         self.get_logger().info('active: generate and swap open')
         self._publish_status()
         return super().on_activate(state)
 
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _close_goals(self, reason: str, wait_s: float) -> bool:
+        """Refuse new goals, answer waiting ones and stop the running one, with `reason`."""
         self._active = False
+        self._stop_reason = reason
+        self.queue.close(reason)
+        self._goal_stop.set()
+        dropped = self.queue.drop_queued(reason)
+        if not self.queue.wait_idle(wait_s):
+            self.get_logger().warning(f'a goal was still running {wait_s:.0f} s after: {reason}')
+            return False
+        if dropped:
+            self.get_logger().info(f'{dropped} waiting goal(s) answered: {reason}')
+        return True
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._close_goals('model manager deactivated', 10.0)
         self._state_label = 'inactive'
         self.get_logger().info('inactive: generate and swap closed')
         self._publish_status()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
+        """Returns after every model is unloaded and its memory given back."""
+        done = self._release()
+        if done is not None:
+            done.result()
         self._state_label = 'unconfigured'
         self._publish_status()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
+        self._close_goals('model manager shutting down', STOP_WAIT_S)
         done = self._release()
         self._state_label = 'finalized'
         if done is not None:
@@ -343,7 +443,7 @@ class ModelManagerNode(LifecycleNode):
         self._publish_status()
         return TransitionCallbackReturn.SUCCESS
 
-    def _release(self) -> Optional['Future[None]']:
+    def _release(self) -> Optional['Future[str]']:
         """Cancel the running load and unload everything in the loader thread."""
         pool = self.pool
         if pool is None:
@@ -362,72 +462,90 @@ class ModelManagerNode(LifecycleNode):
 
     # ---- actions -----------------------------------------------------------------------------
     def _on_goal(self, goal: object) -> GoalResponse:
+        what = 'swap' if isinstance(goal, SwapModel.Goal) else 'generate'
         if not self._active or self.pool is None:
-            self.get_logger().warning('goal refused: model manager is not active')
+            self.get_logger().warning(f'{what} goal refused: model manager is not active '
+                                      f'({self._state_label})')
             return GoalResponse.REJECT
-        with self._goals_lock:
-            # Each goal holds an executor thread while it waits for the model: a cap keeps
-            # threads free for the lifecycle and parameter services.
-            if self._goals_in_flight >= self._p('max_goals'):
-                self.get_logger().warning(f'goal refused: {self._goals_in_flight} goals already '
-                                          'running or waiting (max_goals)')
-                return GoalResponse.REJECT
-            self._goals_in_flight += 1
+        refusal = self.queue.refusal()
+        if refusal:
+            self.get_logger().warning(f'{what} goal refused: {refusal}')
+            return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
-    def _counted(self, execute: Callable[[ServerGoalHandle], Any]
-                 ) -> Callable[[ServerGoalHandle], Any]:
-        def run(gh: ServerGoalHandle) -> Any:
-            try:
-                return execute(gh)
-            finally:
-                with self._goals_lock:
-                    self._goals_in_flight -= 1
-        return run
+    def _dropped(self, gh: ServerGoalHandle, reason: Optional[str]) -> Any:
+        """Answer a goal taken out of the queue: cancelled, or closed with `reason`."""
+        result: Any = SwapModel.Result() if isinstance(gh.request, SwapModel.Goal) \
+            else Generate.Result()
+        if reason is None:
+            result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
+            if gh.is_cancel_requested:
+                gh.canceled()
+            else:   # the cancel was accepted but is not on the goal yet: end it anyway
+                gh.abort()
+        else:
+            result.error_code = result.INACTIVE
+            result.error_msg = reason or 'model manager is not active'
+            gh.abort()
+        return result
+
+    def _run_goal(self, gh: ServerGoalHandle, result: Any, what: str,
+                  work: Callable[[ModelPool, Callable[[], bool]], None]) -> Any:
+        """The part every goal shares: refuse when not serving, stop on cancel, deactivate or
+        shutdown, and turn every failure into a result code (never a dead node)."""
+        pool = self.pool
+        if pool is None or not self._active or self._goal_stop.is_set():
+            gh.abort()
+            result.error_code = result.INACTIVE
+            result.error_msg = self._stop_reason or 'model manager is not active'
+            return result
+        cancel, goal_stop = self._cancel, self._goal_stop
+
+        def should_stop() -> bool:
+            return gh.is_cancel_requested or cancel.is_set() or goal_stop.is_set()
+        try:
+            work(pool, should_stop)
+        except Exception as exc:
+            result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
+            if result.error_code == result.CANCELLED and gh.is_cancel_requested:
+                gh.canceled()
+                return result
+            if result.error_code == result.CANCELLED:   # deactivate or shutdown, not the client
+                result.error_code = result.INACTIVE
+                result.error_msg = self._stop_reason or 'model manager is shutting down'
+            else:
+                self.get_logger().error(f'{what} failed: {exc}')
+            gh.abort()
+            return result
+        gh.succeed()
+        return result
 
     def _execute_generate(self, gh: ServerGoalHandle) -> Generate.Result:
         goal: Generate.Goal = gh.request
         result = Generate.Result()
-        pool = self.pool
-        if pool is None:
-            gh.abort()
-            result.error_code = result.INACTIVE
-            result.error_msg = 'model manager is not configured'
-            return result
         produced = [0]
-        cancel = self._cancel   # cleanup and shutdown stop goals already running, too
 
         def on_text(piece: str) -> None:
             produced[0] += 1
             gh.publish_feedback(Generate.Feedback(text=piece, completion_tokens=produced[0]))
 
-        try:
+        def work(pool: ModelPool, should_stop: Callable[[], bool]) -> None:
             g = pool.generate(goal.role, [ChatTurn(m.role, m.content) for m in goal.messages],
                               max_new_tokens=goal.max_new_tokens, temperature=goal.temperature,
-                              on_text=on_text,
-                              should_stop=lambda: gh.is_cancel_requested or cancel.is_set(),
+                              on_text=on_text, should_stop=should_stop,
                               complexity=goal.complexity or None)
-        except Exception as exc:  # every failure becomes a result code, never a dead node
-            result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
-            if result.error_code == result.CANCELLED and gh.is_cancel_requested:
-                gh.canceled()
-            else:
-                self.get_logger().error(f'generate failed: {exc}')
-                gh.abort()
-            return result
-        result.text, result.model, result.role = g.text, g.model_id, g.role
-        result.swapped = g.swapped
-        result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
-        result.time_to_first_token_s, result.duration_s = g.time_to_first_token_s, g.duration_s
-        result.requested_role, result.fallback = g.requested_role, g.fallback
-        if g.decision == 'fallback':
-            self.get_logger().warning(g.fallback)
-        elif g.fallback:
-            self.get_logger().info(g.fallback)
-        if g.swapped:
-            self.get_logger().info(f'loaded {g.role!r} ({g.model_id}) for a generate request')
-        gh.succeed()
-        return result
+            result.text, result.model, result.role = g.text, g.model_id, g.role
+            result.swapped, result.truncated = g.swapped, g.truncated
+            result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
+            result.time_to_first_token_s, result.duration_s = g.time_to_first_token_s, g.duration_s
+            result.requested_role, result.fallback = g.requested_role, g.fallback
+            if g.decision == 'fallback':
+                self.get_logger().warning(g.fallback)
+            elif g.fallback:
+                self.get_logger().info(g.fallback)
+            if g.swapped:
+                self.get_logger().info(f'loaded {g.role!r} ({g.model_id}) for a generate request')
+        return self._run_goal(gh, result, 'generate', work)
 
     @staticmethod
     def _error_code(exc: Exception, result: Any) -> int:
@@ -441,14 +559,7 @@ class ModelManagerNode(LifecycleNode):
     def _execute_swap(self, gh: ServerGoalHandle) -> SwapModel.Result:
         goal: SwapModel.Goal = gh.request
         result = SwapModel.Result()
-        pool = self.pool
-        if pool is None:
-            gh.abort()
-            result.error_code = result.INACTIVE
-            result.error_msg = 'model manager is not configured'
-            return result
         t0 = time.monotonic()
-        cancel = self._cancel
         last: Dict[str, Any] = {'stage': '', 'fraction': -1.0}
 
         def progress(p: LoadProgress) -> None:
@@ -461,33 +572,65 @@ class ModelManagerNode(LifecycleNode):
                     bytes_total=p.bytes_total, shards_done=p.shards_done,
                     shards_total=p.shards_total))
 
-        try:
+        def work(pool: ModelPool, should_stop: Callable[[], bool]) -> None:
             entry = pool.load(goal.role, reason=goal.reason or 'swap request', progress=progress,
-                              should_stop=lambda: gh.is_cancel_requested or cancel.is_set(),
-                              retry_failed=True)
-        except Exception as exc:
-            result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
-            if result.error_code == result.CANCELLED and gh.is_cancel_requested:
-                gh.canceled()
-            else:
-                self.get_logger().error(f'swap failed: {exc}')
-                gh.abort()
-            return result
-        result.model, result.memory_bytes = entry.spec.model_id, entry.memory_bytes
-        result.duration_s = time.monotonic() - t0
-        self.get_logger().info(f'swap to {goal.role!r} done in {result.duration_s:.1f} s')
-        gh.succeed()
-        return result
+                              should_stop=should_stop, retry_failed=True)
+            result.model, result.memory_bytes = entry.spec.model_id, entry.memory_bytes
+            result.duration_s = time.monotonic() - t0
+            self.get_logger().info(f'swap to {goal.role!r} done in {result.duration_s:.1f} s')
+        return self._run_goal(gh, result, 'swap', work)
+
+    def _say_stopping(self) -> None:
+        """A last heartbeat, not ready: dependants react now, not after liveness_timeout_s."""
+        try:
+            self._heartbeat.publish()
+        except Exception:  # noqa: BLE001 - the context may be shut down already: nothing to say
+            pass
 
     def destroy_node(self) -> None:
+        """Bounded (~3 s) even during a generation or a load: running work is cancelled, never
+        waited out."""
+        deadline = time.monotonic() + STOP_WAIT_S   # goals and loads stop side by side
         self._cancel.set()
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._active = False
+        self._state_label = 'shutting down'
+        self._say_stopping()
+        goals_done = self._close_goals('model manager shutting down', STOP_WAIT_S)
         for pool in [self.pool, *self._retiring]:
             if pool is not None:
                 pool.listeners.clear()  # a generation still running must not publish any more
-        self._loader.shutdown(wait=True)  # bounded: the cancelled load stops at its next step
-        if self._store is not None:
-            self._store.close()
+        loader_done = self._submit_done(max(0.0, deadline - time.monotonic()))
+        if self._store is not None and loader_done and goals_done:
+            self._store.close()   # else left to the process exit: a load still writes to it
+        # Destroyed servers turn a late goal's succeed/abort/feedback into no-ops (a goal still
+        # stuck in an uninterruptible load ends after this), not errors on a destroyed node.
+        self._generate.destroy()
+        self._swap.destroy()
         super().destroy_node()
+
+    def _submit_done(self, timeout_s: float) -> bool:
+        """Whether the loader thread's jobs ended within `timeout_s` (a cancelled load stops at
+        its next step; a `from_pretrained` in progress cannot be interrupted)."""
+        deadline = time.monotonic() + timeout_s
+        for job in list(self._jobs):
+            try:
+                job.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - timed out or cancelled: checked below
+                pass
+        return all(j.done() for j in self._jobs)
+
+    # ---- liveness ----------------------------------------------------------------------------
+    def _liveness(self) -> Tuple[bool, str, int, int]:
+        """Heartbeat: ready = active with a model loaded (or loading for a goal)."""
+        active, queued = self.queue.counts()
+        pool = self.pool
+        if not self._active or pool is None:
+            return False, f'model manager {self._state_label}', active, queued
+        if not pool.loaded() and not pool.loading_role:
+            return False, f'no model loaded ({pool.last_error or self._error or "unknown"})', \
+                active, queued
+        return True, '', active, queued
 
     # ---- status ------------------------------------------------------------------------------
     def _publish_status(self) -> None:
@@ -495,6 +638,10 @@ class ModelManagerNode(LifecycleNode):
         # last message out is built from the latest state, never a stale snapshot.
         with self._status_lock:
             self._publish_status_locked()
+            ready = self._liveness()[:2]
+            changed, self._last_ready = ready != self._last_ready, ready
+        if changed:
+            self._heartbeat.publish()
 
     def _publish_status_locked(self) -> None:
         pool = self.pool

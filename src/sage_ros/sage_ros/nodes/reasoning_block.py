@@ -1,20 +1,22 @@
 """Reasoning block node: the `blocks/reasoning` action over `core.reasoning.ReasoningEngine`.
 
 Sub-steps go to the language block as ephemeral `blocks/language` goals; the final integration
-goal is recorded in the conversation, with the partial results as its context.
+goal is recorded in the conversation, with the partial results as its context. Goals run one at
+a time from a bounded FIFO (`max_goals`, `concurrency` 1 in the description). The block follows
+the language block by heartbeat: `loaded` and its own heartbeat's `ready` say whether the
+language block is alive and ready and the sentence embeddings are available; a step whose
+language block stops or restarts fails at once with the reason.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from action_msgs.msg import GoalStatus
-from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionClient, ActionServer, GoalResponse
 from rclpy.action.server import ServerGoalHandle
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from sage_interfaces.action import Language, Reasoning
 from sage_interfaces.msg import BlockDescription
@@ -25,53 +27,47 @@ from ..core.params import param_docs
 from ..core.reasoning import (HaltReason, InvalidProblem, LanguageCancelled, LanguageFailed,
                               LanguageReply, LanguageRequest, ReasoningBlock, ReasoningEngine,
                               ReasoningParams, StepRecord, StopFn)
+from .action_call import CallCancelled, CallError, Dependency, call_action
 from .common import LATCHED, ConfigError, declare, run_node, stamp
+from .goal_queue import GoalQueue
+from .liveness import HeartbeatPublisher, declare_liveness_timeout
 
 ACTION_TYPE = 'sage_interfaces/action/Reasoning'
+STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
 
 
 class LanguageClient:
-    """`core.reasoning.LanguageFn` over the language block's action, for one reasoning goal."""
+    """`core.reasoning.LanguageFn` over the language block's action; a step whose language
+    block stops or restarts fails at once (`Dependency`)."""
 
-    def __init__(self, node: Node, server_wait_s: float, timeout_s: float,
-                 cancel_wait_s: float) -> None:
+    def __init__(self, node: Node, language: Dependency, server_wait_s: float,
+                 timeout_s: float, cancel_wait_s: float, stopping: threading.Event) -> None:
         self._node = node
         self.client = ActionClient(node, Language, names.BLOCK_LANGUAGE,
                                    callback_group=ReentrantCallbackGroup())
+        self.language = language
         self._server_wait_s = server_wait_s
         self._timeout_s = timeout_s
         self._cancel_wait_s = cancel_wait_s
+        self._stopping = stopping
 
     def __call__(self, req: LanguageRequest, should_stop: StopFn) -> LanguageReply:
-        if not self.client.wait_for_server(timeout_sec=self._server_wait_s):
-            raise LanguageFailed(f'language block not reachable on '
-                                 f'{self._node.resolve_topic_name(names.BLOCK_LANGUAGE)}')
         goal = Language.Goal(turn_id=req.turn_id, text=req.text, complexity=req.complexity,
                              atp_budget=float(req.atp_budget), max_new_tokens=req.max_new_tokens,
                              ephemeral=req.ephemeral, context=req.context)
-        done = threading.Event()
-        sent = self.client.send_goal_async(goal)
-        sent.add_done_callback(lambda _: done.set())
-        if not done.wait(self._server_wait_s):
-            raise LanguageFailed('language block did not answer the goal request')
-        handle = sent.result()
-        if handle is None or not handle.accepted:
-            raise LanguageFailed(f'language block refused the {req.kind.value} step')
-        done.clear()
-        result_future = handle.get_result_async()
-        result_future.add_done_callback(lambda _: done.set())
-        deadline = time.monotonic() + self._timeout_s
-        while not done.wait(0.05):
-            if should_stop() or time.monotonic() > deadline:
-                handle.cancel_goal_async()
-                done.wait(self._cancel_wait_s)
-                if time.monotonic() > deadline:
-                    raise LanguageFailed(f'{req.kind.value} step took longer than '
-                                         f'{self._timeout_s:.0f} s')
-                raise LanguageCancelled()
-        wrapped = result_future.result()
+        try:
+            wrapped = call_action(
+                self.client, goal, what='language block', server_wait_s=self._server_wait_s,
+                timeout_s=self._timeout_s,
+                should_stop=lambda: should_stop() or self._stopping.is_set(),
+                gone=self.language.guard(), abandon=self._stopping.is_set,
+                cancel_wait_s=self._cancel_wait_s)
+        except CallCancelled:
+            raise LanguageCancelled() from None
+        except CallError as exc:
+            raise LanguageFailed(f'{req.kind.value} step: {exc}') from None
         res: Language.Result = wrapped.result
-        if wrapped.status == GoalStatus.STATUS_CANCELED or res.error_code == res.CANCELLED:
+        if res.error_code == res.CANCELLED:
             raise LanguageCancelled()
         if res.error_code != res.NONE:
             raise LanguageFailed(res.error_msg or f'language step failed (code {res.error_code})')
@@ -98,31 +94,35 @@ def declare_params(node: Node) -> ReasoningParams:
 
 
 class ReasoningBlockNode(Node):
-    """Serves `blocks/reasoning`, and advertises the block while the language block is up."""
+    """Serves `blocks/reasoning`, and advertises the block while the language block is ready."""
 
-    def __init__(self, node_name: str = 'reasoning_block', **kwargs: object) -> None:
+    def __init__(self, node_name: str = names.REASONING_BLOCK, **kwargs: object) -> None:
         super().__init__(node_name, **kwargs)  # type: ignore[arg-type]
         params = declare_params(self)
         self._cancel_wait_s = declare(self, 'cancel_wait_s', 2.0,
                                       'How long a cancelled step waits for the language block '
                                       'to confirm [s]', read_only=True, min_value=0.0,
                                       max_value=60.0)
+        self._stopping = threading.Event()
+        language_name = names.qualify(names.LANGUAGE_BLOCK, self.get_namespace())
+        self.language = Dependency(self, language_name, 'language block',
+                                   declare_liveness_timeout(self), on_change=self._check_language)
         self._language = LanguageClient(
-            self,
+            self, self.language,
             server_wait_s=declare(self, 'language_wait_s', 10.0,
                                   'How long to wait for the language block per step [s]',
                                   read_only=True, min_value=0.0, max_value=3600.0),
             timeout_s=declare(self, 'language_timeout_s', 300.0,
                               'Longest one language step may take [s]', read_only=True,
                               min_value=1.0, max_value=86400.0),
-            cancel_wait_s=self._cancel_wait_s)
-        availability_period_s = declare(self, 'availability_period_s', 2.0,
-                                        'How often the language block\'s reachability is checked '
-                                        '[s]', read_only=True, min_value=0.05, max_value=3600.0)
-        self._max_goals: int = declare(
-            self, 'max_goals', 2, 'Goals running at once; more are refused (each holds an '
-            'executor thread while its language steps run)', read_only=True, min_value=1,
-            max_value=64)
+            cancel_wait_s=self._cancel_wait_s, stopping=self._stopping)
+        availability_period_s = declare(self, 'availability_period_s', 0.25,
+                                        'How often the language block\'s readiness is checked '
+                                        '(heartbeats also trigger a check) [s]', read_only=True,
+                                        min_value=0.05, max_value=3600.0)
+        declare(self, 'max_goals', 2,
+                'Goals running or waiting at once (one runs, the others wait in FIFO order); '
+                'more are refused', min_value=1, max_value=64)
         self.engine = ReasoningEngine(self._language, params)
         self.block = ReasoningBlock(self.engine)
         try:
@@ -130,23 +130,28 @@ class ReasoningBlockNode(Node):
         except EmbeddingError as exc:
             self.block.embedder_error = str(exc)
             self.get_logger().error(f'reasoning unavailable (advertised not loaded): {exc}')
-        self._stopping = threading.Event()
-        self._running = 0                        # goals accepted and not yet finished
-        self._running_changed = threading.Condition()
+        self._ready_lock = threading.Lock()
+        self._check_lock = threading.Lock()
+        self._language_state: Tuple[bool, str] = (False, 'starting')
 
+        self._heartbeat = HeartbeatPublisher(self, 'reasoning', self._liveness)
+        self.queue = GoalQueue('reasoning block',
+                               lambda: int(self.get_parameter('max_goals').value), self._dropped,
+                               concurrency=1, on_change=self._heartbeat.publish)
         self._server = ActionServer(
-            self, Reasoning, names.BLOCK_REASONING, execute_callback=self._execute,
-            goal_callback=self._on_goal,
-            cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=ReentrantCallbackGroup())
+            self, Reasoning, names.BLOCK_REASONING, execute_callback=self.queue.wrap(self._reason),
+            goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
+            cancel_callback=self.queue.cancel_callback,
+            callback_group=MutuallyExclusiveCallbackGroup())
         self._description_pub = self.create_publisher(BlockDescription, names.BLOCKS_DESCRIPTION,
                                                       LATCHED)
         self._publish_description()
-        self._timer = self.create_timer(availability_period_s, self._check_language)
+        self._timer = self.create_timer(availability_period_s, self._check_language,
+                                        callback_group=MutuallyExclusiveCallbackGroup())
         self.get_logger().info(
-            f'reasoning block ready on {self.resolve_topic_name(names.BLOCK_REASONING)} '
-            f'(language block on {self.resolve_topic_name(names.BLOCK_LANGUAGE)}, '
-            f'at least {self.engine.min_budget():.2f} ATP per goal)')
+            f'reasoning block on {self.resolve_topic_name(names.BLOCK_REASONING)} '
+            f'(language block {language_name}, at least {self.engine.min_budget():.2f} ATP per '
+            'goal)')
 
     def _publish_description(self) -> None:
         desc = self.block.describe(self.resolve_topic_name(names.BLOCK_REASONING), ACTION_TYPE)
@@ -154,39 +159,75 @@ class ReasoningBlockNode(Node):
             stamp=stamp(), name=desc.name, block_type=desc.block_type.value,
             capabilities=list(desc.capabilities), modalities=list(desc.modalities),
             action_name=desc.action_name, action_type=desc.action_type, loaded=desc.loaded,
-            memory_estimate_bytes=desc.memory_estimate_bytes))
+            memory_estimate_bytes=desc.memory_estimate_bytes,
+            concurrency=self.queue.concurrency))
+
+    def language_readiness(self) -> Tuple[bool, str]:
+        """The language block alive and ready (its heartbeat) and its action server reachable."""
+        ok, why = self.language.state()
+        if ok and not self._language.client.server_is_ready():
+            return False, (f'language block action not reachable on '
+                           f'{self.resolve_topic_name(names.BLOCK_LANGUAGE)}')
+        return ok, why
 
     def _check_language(self) -> None:
-        """Advertise `loaded` = whether the language block's action server is reachable."""
-        ready = self._language.client.server_is_ready()
-        if ready != self.block.language_available:
-            self.block.language_available = ready
+        """Advertise `loaded` = whether the language block is ready; log each change once."""
+        with self._check_lock:     # one check at a time: the last one out is never stale
+            if self._stopping.is_set():
+                return
+            state = self.language_readiness()
+            with self._ready_lock:
+                changed, self._language_state = state != self._language_state, state
+                if changed:
+                    self.block.language_available = state[0]
+            if not changed:
+                return
             self._publish_description()
+            self._heartbeat.publish()
             if self.block.embedder_error:
                 return    # said once at start: reasoning stays unavailable
-            self.get_logger().info('language block reachable: reasoning available' if ready else
-                                   'language block unreachable: reasoning unavailable')
+            if state[0]:
+                self.get_logger().info('language block ready: reasoning available')
+            else:
+                self.get_logger().warning(f'reasoning unavailable: {state[1]}')
+
+    def _liveness(self) -> Tuple[bool, str, int, int]:
+        active, queued = self.queue.counts()
+        with self._ready_lock:
+            ok, why = self._language_state
+        if self.block.embedder_error:
+            ok, why = False, f'sentence embeddings unavailable: {self.block.embedder_error}'
+        if self._stopping.is_set():
+            ok, why = False, 'shutting down'
+        return ok, why, active, queued
 
     def _on_goal(self, goal: Reasoning.Goal) -> GoalResponse:
-        with self._running_changed:
-            if self._running >= self._max_goals:
-                self.get_logger().warning(f'turn {goal.turn_id}: refused, {self._running} goals '
-                                          'already running (max_goals)')
-                return GoalResponse.REJECT
-            self._running += 1   # counted from acceptance: execution starts a moment later
+        refusal = 'shutting down' if self._stopping.is_set() else self.queue.refusal()
+        if refusal:
+            self.get_logger().warning(f'turn {goal.turn_id}: refused, {refusal}')
+            return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
-    def _execute(self, gh: ServerGoalHandle) -> Reasoning.Result:
-        try:
-            return self._reason(gh)
-        finally:
-            with self._running_changed:
-                self._running -= 1
-                self._running_changed.notify_all()
+    def _dropped(self, gh: ServerGoalHandle, reason: Optional[str]) -> Reasoning.Result:
+        result = Reasoning.Result()
+        if reason is None:
+            result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
+            if gh.is_cancel_requested:
+                gh.canceled()
+            else:   # the cancel was accepted but is not on the goal yet: end it anyway
+                gh.abort()
+        else:
+            result.error_code, result.error_msg = result.FAILED, reason or 'not answered'
+            gh.abort()
+        return result
 
     def _reason(self, gh: ServerGoalHandle) -> Reasoning.Result:
         goal: Reasoning.Goal = gh.request
         result = Reasoning.Result()
+        if gh.is_cancel_requested:     # cancelled just as its turn came
+            gh.canceled()
+            result.error_code, result.error_msg = result.CANCELLED, 'cancelled'
+            return result
         if self.block.embedder_error:
             self.get_logger().error(f'turn {goal.turn_id}: reasoning unavailable: '
                                     f'{self.block.embedder_error}')
@@ -238,12 +279,22 @@ class ReasoningBlockNode(Node):
         gh.succeed()
         return result
 
+    def _say_stopping(self) -> None:
+        """A last heartbeat, not ready: dependants react now, not after liveness_timeout_s."""
+        try:
+            self._heartbeat.publish()
+        except Exception:  # noqa: BLE001 - the context may be shut down already: nothing to say
+            pass
+
     def destroy_node(self) -> None:
-        """Stop running goals (their language steps are cancelled) before going away."""
+        """Bounded (~3 s): the running goal's language step is cancelled, not waited out;
+        waiting goals are answered."""
         self._stopping.set()
-        with self._running_changed:
-            self._running_changed.wait_for(lambda: self._running == 0,
-                                           timeout=self._cancel_wait_s + 1.0)
+        self._say_stopping()
+        self.queue.close('the reasoning block is shutting down')
+        self.queue.drop_queued('the reasoning block is shutting down')
+        if not self.queue.wait_idle(STOP_WAIT_S):
+            self.get_logger().warning('a goal was still running at shutdown')
         self._server.destroy()
         super().destroy_node()
 

@@ -109,3 +109,16 @@ def test_demo_answers_small_then_large_with_a_swap_and_keeps_the_conversation() 
     assert [t['complexity'] for t in turns] == ['simple', 'complex', 'simple']
     assert all(t['metabolic_state'] in ('WAKE', 'FOCUS') for t in turns)
     assert all(0.0 <= t['salience'] <= 1.0 and t['stance'] for t in turns)
+
+
+def test_json_lines_carry_the_observation_id_source_and_shortened_answers() -> None:
+    from sage_interfaces.msg import Response
+    from sage_ros.cli.chat import answer_text, as_json
+    r = Response(turn_id=7, observation_id='c0ffee01/3', source='console', text='Hello.',
+                 truncated=True, status=Response.STATUS_OK)
+    record = json.loads(as_json('hi', r))
+    assert (record['observation_id'], record['source'], record['truncated']) == (
+        'c0ffee01/3', 'console', True)
+    assert answer_text(r) == 'Hello. (shortened)'
+    r.truncated = False
+    assert answer_text(r) == 'Hello.' and json.loads(as_json('hi', r))['truncated'] is False

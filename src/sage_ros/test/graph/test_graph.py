@@ -1,89 +1,25 @@
-"""The graph as separate processes on its own ROS domain: contract, console, launch parity."""
+"""The graph as separate processes on its own ROS domain: contract, console, one-process parity."""
 
 from __future__ import annotations
 
 import json
-import os
-import runpy
 import signal
 import subprocess
 import sys
-import time
-import types
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 import yaml
-import rclpy
 from rclpy.action import get_action_names_and_types
-from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
 
 from conftest import params_for
-from sage_ros import graph, names
+from graph_support import SAGE, Probe, domain, expected_nodes, graph_env, start_up, stop
+from sage_ros import names
+
+__all__ = ['domain']  # a fixture, used by name
 
 pytestmark = pytest.mark.graph
-SAGE = [sys.executable, '-m', 'sage_ros.cli.main']
-
-
-def graph_env(domain: int) -> Dict[str, str]:
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
-    return env
-
-
-@pytest.fixture
-def domain() -> int:
-    return 10 + (os.getpid() + int(time.time())) % 90
-
-
-class Probe:
-    def __init__(self, domain: int) -> None:
-        os.environ['ROS_DOMAIN_ID'] = str(domain)
-        os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-        self.context = Context()
-        rclpy.init(context=self.context)
-        self.node = Node('graph_probe', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-
-    def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f'timed out waiting for {what}')
-            self.executor.spin_once(timeout_sec=0.1)
-
-    def node_names(self) -> Set[Tuple[str, str]]:
-        return set(self.node.get_node_names_and_namespaces())
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-        os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'OFF'
-        os.environ.pop('ROS_DOMAIN_ID', None)
-
-
-def start_up(params: Path, domain: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([*SAGE, 'up', '--params-file', str(params), *extra],
-                            env=graph_env(domain), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
-
-
-def expected_nodes(ns: str = names.DEFAULT_NAMESPACE) -> Set[Tuple[str, str]]:
-    return {(s.name, ns) for s in graph.PROFILES['demo'].nodes}
 
 
 @pytest.fixture
@@ -146,53 +82,72 @@ def test_sage_up_in_one_process_runs_the_same_node_set(tiny_params_file: Path, d
     probe = Probe(domain)
     try:
         probe.wait(lambda: expected_nodes('/robot1') <= probe.node_names(), 60, 'all nodes')
-        assert {n for n in probe.node_names() if n[1] == '/robot1'} == expected_nodes('/robot1')
+        # Hidden nodes (a leading underscore, left out by `ros2 node list`): `sage up`'s own
+        # lifecycle driver.
+        assert {n for n in probe.node_names() if n[1] == '/robot1'
+                and not n[0].startswith('_')} == expected_nodes('/robot1')
     finally:
         probe.close()
         out = stop(proc)
     assert proc.returncode == 0 and 'Traceback' not in out, out
 
 
-class _Recorded:
-    """Stands in for a launch_ros action class and records how the launch file built it."""
-
-    made: List[Tuple[str, Dict[str, object]]] = []
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        if args:  # DeclareLaunchArgument(name, ...)
-            kwargs['name'] = args[0]
-        _Recorded.made.append((type(self).__name__, kwargs))
-
-
-def _launch_stand_ins() -> Dict[str, types.ModuleType]:
-    """`launch` and `launch_ros` are not installable from PyPI: record what the files build."""
-    mods = {n: types.ModuleType(n) for n in ('launch', 'launch.actions', 'launch.substitutions',
-                                             'launch_ros', 'launch_ros.actions')}
-    mods['launch'].LaunchDescription = lambda actions: list(actions)  # type: ignore[attr-defined]
-    mods['launch.actions'].DeclareLaunchArgument = type('DeclareLaunchArgument', (_Recorded,), {})  # type: ignore[attr-defined]
-    mods['launch.substitutions'].LaunchConfiguration = lambda name: f'$({name})'  # type: ignore[attr-defined]
-    mods['launch_ros.actions'].Node = type('Node', (_Recorded,), {})  # type: ignore[attr-defined]
-    mods['launch_ros.actions'].LifecycleNode = type('LifecycleNode', (_Recorded,), {})  # type: ignore[attr-defined]
-    return mods
+@pytest.mark.parametrize('text, expected', [
+    ('a: [1,\n', 'is not valid YAML (line 2, column 1)'),
+    ('- 1\n- 2\n', 'must map node names to their parameters'),
+    ('/**/kernel: 5\n', "entry '/**/kernel' must be a mapping"),
+])
+@pytest.mark.parametrize('mode', [[], ['--processes']])
+def test_a_bad_parameters_file_is_one_line_before_anything_starts(
+        text: str, expected: str, mode: List[str], tmp_path: Path, domain: int) -> None:
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(text)
+    p = subprocess.run([*SAGE, 'up', '--params-file', str(bad), *mode], env=graph_env(domain),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'sage: error: parameters file {bad}'), lines
+    assert expected in lines[0]
 
 
-@pytest.mark.parametrize('profile', sorted(graph.PROFILES))
-def test_launch_files_start_the_profile_node_set(profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, mod in _launch_stand_ins().items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, 'sage_ros.launch_description', raising=False)
-    _Recorded.made = []
-    launch_file = graph.share_dir() / 'launch' / f'{profile}.launch.py'
-    runpy.run_path(str(launch_file))['generate_launch_description']()
-    nodes = {(kw['name'], kw['executable'], cls == 'LifecycleNode')
-             for cls, kw in _Recorded.made if cls != 'DeclareLaunchArgument'}
-    assert nodes == {(s.name, s.executable, s.lifecycle) for s in graph.PROFILES[profile].nodes}
-    args = {kw['name']: kw['default_value'] for cls, kw in _Recorded.made
-            if cls == 'DeclareLaunchArgument'}
-    assert args['namespace'] == names.DEFAULT_NAMESPACE
-    assert Path(str(args['params_file'])) == graph.params_path(graph.PROFILES[profile])
-    for cls, kw in _Recorded.made:
-        if cls != 'DeclareLaunchArgument':
-            assert kw['namespace'] == '$(namespace)' and kw['parameters'] == ['$(params_file)']
-            # the executable exists as a console script of the package
-            assert str(kw['executable']) in (graph.share_dir() / 'setup.py').read_text()
+def test_text_sensor_on_a_pipe_nobody_writes_says_so_and_publishes_typed_observations(
+        tiny_params_file: Path, domain: int) -> None:
+    """As under `ros2 launch`: stdin is a pipe that stays open and silent. The sensor says once
+    how to talk to SAGE instead, keeps beating, publishes what does arrive as TextObservation
+    with its own ids and source, and stops on SIGINT with code 0."""
+    from sage_interfaces.msg import TextObservation
+
+    from graph_support import RELIABLE, Output, kill_group
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'sage_ros.nodes.text_sensor', '--ros-args', '-r', '__ns:=/sage',
+         '--params-file', str(tiny_params_file)], env=graph_env(domain),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    output = Output(proc)
+    probe = Probe(domain)
+    seen: List[TextObservation] = []
+    probe.node.create_subscription(TextObservation, names.qualify(names.OBSERVATIONS_TEXT),
+                                   seen.append, RELIABLE)
+    fqn = names.qualify(names.TEXT_SENSOR)
+    try:
+        probe.wait(lambda: probe.alive(fqn), 60, 'the text sensor beating')
+        probe.wait(lambda: 'nothing arrived on it' in output.text(), 30, 'the notice')
+        assert 'sage chat --attach' in output.text()
+        assert probe.alive(fqn)   # reading stdin blocks nothing
+        assert proc.stdin is not None
+        proc.stdin.write('hello robot\n\nsecond line\n')
+        proc.stdin.flush()
+        probe.wait(lambda: len(seen) == 2, 30, 'two observations')
+        assert [o.text for o in seen] == ['hello robot', 'second line']
+        assert {o.source for o in seen} == {'text_sensor'}
+        ids = [o.observation_id for o in seen]
+        assert len(set(ids)) == 2 and all(i.startswith('text_sensor/') for i in ids)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    finally:
+        probe.close()
+        kill_group(proc)
+        proc.wait()
+    out = output.join()
+    assert proc.returncode == 0, out
+    assert out.count('nothing arrived on it') == 1 and 'Traceback' not in out, out

@@ -1,8 +1,8 @@
 """Scenarios through the running nodes (kernel, language block, model manager; real rclpy,
 MiniLM salience, tiny random models): novelty fades with repetition, a sudden change raises
 surprise into FOCUS, sustained load drains ATP into REST and it recovers, and an ATP crisis
-serves one target at a time, the most salient first. Small capacities and fast recharge keep
-each scenario to seconds."""
+serves one target at a time, the most salient source first. Small capacities and fast recharge
+keep each scenario to seconds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Callable, List
 
 import pytest
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from sage_interfaces.msg import KernelState, ModelStatus, Response, Salience
+from sage_interfaces.msg import KernelState, ModelStatus, Response, Salience, TextObservation
 from std_msgs.msg import String
 
 from sage_ros import graph, names
@@ -37,13 +37,24 @@ class Graph:
         self.states: List[KernelState] = self.h.collect(KernelState, names.STATE, ALL_STATES)
         models = self.h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
         self.pub = self.h.probe.create_publisher(String, names.TEXT_IN, RELIABLE)
-        wait_for(lambda: self.states and 'language' in self.states[-1].blocks, 30, 'block known')
+        self.obs = self.h.probe.create_publisher(TextObservation, names.OBSERVATIONS_TEXT,
+                                                 RELIABLE)
+        wait_for(lambda: self.states and self.states[-1].ready, 60, 'the graph ready')
         wait_for(lambda: models and models[-1].lifecycle_state == 'active', 60, 'models ready')
-        wait_for(lambda: self.pub.get_subscription_count() > 0, 10, 'kernel subscribed')
+        wait_for(lambda: self.pub.get_subscription_count() > 0
+                 and self.obs.get_subscription_count() > 0, 10, 'kernel subscribed')
+        self._sent = 0
 
     def say(self, *lines: str) -> None:
         for line in lines:
             self.pub.publish(String(data=line))
+
+    def tell(self, source: str, line: str) -> str:
+        """A typed observation from `source`; returns its id."""
+        self._sent += 1
+        oid = f'{source}/{self._sent}'
+        self.obs.publish(TextObservation(observation_id=oid, source=source, text=line))
+        return oid
 
     def answered(self, n: int, timeout: float = 60.0) -> List[Response]:
         wait_for(lambda: len(self.responses) >= n, timeout, f'{n} responses')
@@ -133,16 +144,22 @@ def test_an_atp_crisis_serves_only_the_most_salient_target(
     wait_for(lambda: g.states[-1].metabolic_state == 'CRISIS', 10, 'CRISIS')
     crisis = next(st for st in g.states if st.metabolic_state == 'CRISIS')
     assert 'below the crisis level' in crisis.transition_reason and crisis.atp_level < 4.0
-    g.say('what time is it?', 'tell me a joke', 'how are you today?',
-          'FIRE!!! EVERYONE GET OUT OF THE BUILDING NOW!!!')
+    # Chat from one source (served in its order), then an alarm from another: across sources
+    # the most salient goes first.
+    ids = [g.tell('chat', line) for line in ('what time is it?', 'tell me a joke',
+                                             'how are you today?')]
+    ids.append(g.tell('text', 'FIRE!!! EVERYONE GET OUT OF THE BUILDING NOW!!!'))
     s = g.scores(5)
     shout = s[4]
     assert shout.total > max(x.total for x in s[1:4])
     r = g.answered(5, 90)
-    order = [x.turn_id for x in sorted(g.responses, key=lambda x: x.stamp.sec * 1e9
-                                       + x.stamp.nanosec) if x.status == Response.STATUS_OK]
-    assert order.index(5) < order.index(3) and order.index(5) < order.index(4)
-    assert r[1].status == Response.STATUS_OK or r[1].error.startswith('preempted by turn 5')
+    order = [x.observation_id for x in sorted(g.responses, key=lambda x: x.stamp.sec * 1e9
+                                              + x.stamp.nanosec)
+             if x.status == Response.STATUS_OK]
+    assert order.index(ids[3]) < order.index(ids[1]) and order.index(ids[3]) < order.index(ids[2])
+    assert order.index(ids[1]) < order.index(ids[2])          # one source: in its order
+    assert r[1].status == Response.STATUS_OK or r[1].error.startswith(
+        f'preempted by turn {r[4].turn_id}')
     in_crisis = [st for st in g.states if st.metabolic_state == 'CRISIS']
     assert all(st.max_targets == 1 and st.active_dispatches <= 1 for st in in_crisis)
     assert any(st.active_dispatches == 1 for st in in_crisis)

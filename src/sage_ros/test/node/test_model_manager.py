@@ -1,4 +1,6 @@
-"""Model manager node over real rclpy: lifecycle services answer during a held load, swap
+"""Model manager node over real rclpy: a truthful lifecycle (configure returns once loaded,
+with services answering meanwhile; deactivate answers goals; cleanup frees), one FIFO for
+generate and swap with cancel of a waiting goal, a bounded destroy, the heartbeat, swap
 progress and cancel, fallback in results and status, every status field, run-time parameter
 changes, and swap history kept across restarts."""
 
@@ -6,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -13,19 +16,22 @@ import pytest
 import rclpy
 import yaml
 from lifecycle_msgs.msg import Transition
+from action_msgs.msg import GoalStatus
 from lifecycle_msgs.srv import ChangeState, GetState
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.action import ActionClient
 from rclpy.context import Context
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sage_interfaces.action import Generate, SwapModel
-from sage_interfaces.msg import ChatMessage, ModelStatus
+from sage_interfaces.msg import ChatMessage, Heartbeat, ModelStatus
 
 from conftest import params_for
 from sage_ros import graph, names
 from sage_ros.cli.graph_runner import context_args
 from sage_ros.core.models import LoadProgress
 from sage_ros.nodes.common import LATCHED, ConfigError
+from sage_ros.nodes.liveness import HEARTBEAT_QOS
 from sage_ros.nodes.model_manager import ModelManagerNode
 from node_harness import Harness, send_goal, wait_for
 
@@ -82,45 +88,151 @@ def started(make: Callable[..., Harness], **overrides: object) -> tuple[Harness,
     return h, mm, status
 
 
-def test_lifecycle_services_answer_while_a_load_is_held(harness: Callable[..., Harness]) -> None:
+def call_async(h: Harness, srv_type: Any, name: str, request: Any) -> Any:
+    client = h.probe.create_client(srv_type, name)
+    assert client.wait_for_service(timeout_sec=10.0)
+    return client.call_async(request)
+
+
+def test_configure_returns_once_loaded_and_services_answer_meanwhile(
+        harness: Callable[..., Harness]) -> None:
     h = harness(MM, **{'model_manager:autostart': False})
     mm = h.node(ModelManagerNode)
     assert isinstance(mm, ModelManagerNode)
     status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    beats = h.collect(Heartbeat, names.HEARTBEAT, HEARTBEAT_QOS)
+    wait_for(lambda: beats, what='a heartbeat')
+    assert not beats[-1].ready and 'unconfigured' in beats[-1].not_ready_reason
     gate = LoadGate(mm, 'small')
-    assert transition(h, Transition.TRANSITION_CONFIGURE), 'returns once the load has started'
+    configuring = call_async(h, ChangeState, f'{names.MODEL_MANAGER}/change_state',
+                             ChangeState.Request(transition=Transition(
+                                 id=Transition.TRANSITION_CONFIGURE)))
     wait_for(gate.held.is_set, what='load held')
+    # The transition is still running: lifecycle and parameter services answer meanwhile.
     state = call(h, GetState, f'{names.MODEL_MANAGER}/get_state', GetState.Request())
-    assert state.current_state.label == 'inactive'
-    wait_for(lambda: status[-1].loading_role == 'small' and status[-1].busy, what='loading status')
-    assert transition(h, Transition.TRANSITION_ACTIVATE)
-    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
-    outcome: List[Any] = []
-    waiter = threading.Thread(target=lambda: outcome.append(send_goal(gen, Generate.Goal(
-        role='small', messages=HELLO))))
-    waiter.start()  # the goal waits for the held load
+    assert state.current_state.label == 'configuring' and not configuring.done()
+    got = call(h, GetParameters, f'{names.MODEL_MANAGER}/get_parameters',
+               GetParameters.Request(names=['default_role']))
+    assert got.values[0].string_value == 'small'
+    assert not transition(h, Transition.TRANSITION_ACTIVATE), 'no activate while configuring'
+    wait_for(lambda: status[-1].loading_role == 'small' and status[-1].busy
+             and status[-1].lifecycle_state == 'configuring', what='loading status')
     gate.open()
-    waiter.join(60.0)
-    ok, result, _ = outcome[0]
+    wait_for(configuring.done, 60.0, 'configure returned')
+    assert configuring.result().success
+    assert [m.role for m in status[-1].loaded] == ['small'], 'configure returns once loaded'
+    assert status[-1].lifecycle_state == 'inactive'
+    assert not send_goal(ActionClient(h.probe, Generate, names.MODEL_GENERATE),
+                         Generate.Goal(role='small', messages=HELLO))[0], 'closed while inactive'
+    assert transition(h, Transition.TRANSITION_ACTIVATE)
+    wait_for(lambda: beats[-1].ready, what='ready heartbeat once active with a model')
+    ok, result, _ = send_goal(ActionClient(h.probe, Generate, names.MODEL_GENERATE),
+                              Generate.Goal(role='small', messages=HELLO))
     assert ok and result.error_code == Generate.Result.NONE and result.role == 'small'
     assert not result.swapped and result.requested_role == 'small' and result.fallback == ''
-    wait_for(lambda: status[-1].loading_role == '' and [m.role for m in status[-1].loaded]
-             == ['small'], what='loaded status')
 
 
-def test_cleanup_cancels_a_held_load(harness: Callable[..., Harness]) -> None:
-    h = harness(MM, **{'model_manager:autostart': False})
+def test_configure_fails_with_the_reason_when_nothing_loads(
+        harness: Callable[..., Harness], tiny_models: Dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / 'bad'
+    shutil.copytree(tiny_models['small'], bad)
+    (bad / 'tokenizer.json').write_text('{not json')      # files present, load fails
+    h = harness(MM, **{'model_manager:autostart': False,
+                       'model_manager:models.small.path': str(bad),
+                       'model_manager:models.large.path': str(bad)})
     mm = h.node(ModelManagerNode)
     assert isinstance(mm, ModelManagerNode)
     status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
-    gate = LoadGate(mm, 'small')
-    assert transition(h, Transition.TRANSITION_CONFIGURE)
-    wait_for(gate.held.is_set, what='load held')
-    assert transition(h, Transition.TRANSITION_CLEANUP), 'cleanup answers during the load'
-    gate.open()
+    assert not transition(h, Transition.TRANSITION_CONFIGURE)
+    state = call(h, GetState, f'{names.MODEL_MANAGER}/get_state', GetState.Request())
+    assert state.current_state.label == 'unconfigured' and mm.pool is None
+    wait_for(lambda: status and 'tokenizer' in status[-1].error
+             and status[-1].lifecycle_state == 'unconfigured', what='the reason in status')
+
+
+def test_deactivate_answers_waiting_goals_and_stops_the_running_one_cleanup_frees(
+        harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness, **{'model_manager:policy.substitute': False})
+    gate = LoadGate(mm, 'large')
+    swap = ActionClient(h.probe, SwapModel, names.MODEL_SWAP)
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    assert swap.wait_for_server(timeout_sec=10.0) and gen.wait_for_server(timeout_sec=10.0)
+    running = swap.send_goal_async(SwapModel.Goal(role='large', reason='held'))
+    wait_for(gate.held.is_set, what='swap held')
+    waiting = gen.send_goal_async(Generate.Goal(role='small', messages=HELLO))
+    wait_for(waiting.done, what='waiting goal accepted')
+    waiting_result = waiting.result().get_result_async()
+    wait_for(lambda: mm.queue.counts() == (1, 1), what='one running, one waiting')
+    deactivating = call_async(h, ChangeState, f'{names.MODEL_MANAGER}/change_state',
+                              ChangeState.Request(transition=Transition(
+                                  id=Transition.TRANSITION_DEACTIVATE)))
+    wait_for(waiting_result.done, what='the waiting goal answered at once')
+    res = waiting_result.result().result
+    assert res.error_code == Generate.Result.INACTIVE and 'deactivated' in res.error_msg
+    gate.open()                    # the held load sees the stop at its next step
+    wait_for(deactivating.done, 30.0, 'deactivate returned')
+    assert deactivating.result().success
+    running_result = running.result().get_result_async()
+    wait_for(running_result.done, what='the running goal answered')
+    assert running_result.result().result.error_code == SwapModel.Result.INACTIVE
+    assert mm.queue.idle()
+    assert transition(h, Transition.TRANSITION_CLEANUP)
+    # cleanup returned: the models are gone already, not in a moment
+    assert mm.pool is None and not mm._retiring
     wait_for(lambda: status[-1].lifecycle_state == 'unconfigured' and not status[-1].loaded
              and not status[-1].busy, what='nothing loaded after cleanup')
-    assert mm.pool is None
+
+
+def test_goals_wait_in_fifo_order_and_a_waiting_goal_can_be_cancelled(
+        harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness, **{'model_manager:policy.substitute': False})
+    beats = h.collect(Heartbeat, names.HEARTBEAT, HEARTBEAT_QOS)
+    gate = LoadGate(mm, 'large')
+    swap = ActionClient(h.probe, SwapModel, names.MODEL_SWAP)
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    assert swap.wait_for_server(timeout_sec=10.0) and gen.wait_for_server(timeout_sec=10.0)
+    done_order: List[str] = []
+    first = swap.send_goal_async(SwapModel.Goal(role='large', reason='held'))
+    wait_for(gate.held.is_set, what='swap held')
+    handles, results = {}, {}
+    for name in ('a', 'b', 'c'):
+        sent = gen.send_goal_async(Generate.Goal(role='large', messages=HELLO))
+        wait_for(sent.done, what=f'goal {name} accepted')
+        handles[name] = sent.result()
+        results[name] = handles[name].get_result_async()
+        results[name].add_done_callback(lambda _, n=name: done_order.append(n))
+    wait_for(lambda: mm.queue.counts() == (1, 3), what='three waiting')
+    wait_for(lambda: beats and (beats[-1].goals_active, beats[-1].goals_queued) == (1, 3),
+             what='goal counts in the heartbeat')
+    cancelling = handles['b'].cancel_goal_async()
+    wait_for(cancelling.done, what='cancel answered')
+    wait_for(lambda: done_order == ['b'], what='the cancelled goal answered while the swap holds')
+    b = results['b'].result()
+    assert b.result.error_code == Generate.Result.CANCELLED
+    assert b.status == GoalStatus.STATUS_CANCELED
+    gate.open()
+    first_result = first.result().get_result_async()
+    wait_for(first_result.done, 30.0, 'swap done')
+    wait_for(lambda: len(done_order) == 3, 60.0, 'the others answered')
+    assert done_order == ['b', 'a', 'c'], 'answered in the order they came'
+    for name in ('a', 'c'):
+        r = results[name].result().result
+        assert r.error_code == Generate.Result.NONE and r.role == 'large' and not r.swapped
+
+
+def test_destroy_node_is_bounded_during_a_held_load(harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness)
+    gate = LoadGate(mm, 'large')
+    swap = ActionClient(h.probe, SwapModel, names.MODEL_SWAP)
+    assert swap.wait_for_server(timeout_sec=10.0)
+    swap.send_goal_async(SwapModel.Goal(role='large', reason='held'))
+    wait_for(gate.held.is_set, what='swap held')
+    h.executor.remove_node(mm)
+    h.nodes.remove(mm)
+    t0 = time.monotonic()
+    mm.destroy_node()   # the goal is stuck in the gate: destroy must not wait for it
+    assert time.monotonic() - t0 < 6.0
+    gate.open()
 
 
 def test_swap_streams_bytes_and_shards_and_can_be_cancelled(
@@ -225,7 +337,8 @@ def test_swap_history_survives_a_restart(tiny_models: Dict[str, Path], tmp_path:
     first = Harness(params_for(tiny_models), tmp_path, MM)
     try:
         status = first.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
-        wait_for(lambda: status and status[-1].loaded and not status[-1].busy, what='loaded')
+        wait_for(lambda: status and status[-1].lifecycle_state == 'active'
+                 and status[-1].loaded and not status[-1].busy, what='active, loaded')
         ok, _, _ = send_goal(ActionClient(first.probe, SwapModel, names.MODEL_SWAP),
                              SwapModel.Goal(role='large', reason='before restart'))
         assert ok
@@ -268,3 +381,29 @@ def test_goals_beyond_max_goals_are_refused(harness: Callable[..., Harness]) -> 
     assert outcome and outcome[0][0] and outcome[0][1].role == 'large'
     ok, result, _ = send_goal(gen, Generate.Goal(role='large', messages=HELLO))
     assert ok and result.error_code == Generate.Result.NONE, 'the slot is free again'
+
+
+def _cuda() -> bool:
+    import torch
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(_cuda(), reason='checks the fallback on a machine without CUDA')
+def test_a_cuda_entry_loads_on_the_cpu_without_cuda_or_fails_clearly(
+        harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness, **{'model_manager:models.small.device': 'cuda',
+                                        'model_manager:models.large.device': 'auto'})
+    assert [(m.role, m.device) for m in status[-1].loaded] == [('small', 'cpu')]
+    ok, result, _ = send_goal(ActionClient(h.probe, SwapModel, names.MODEL_SWAP),
+                              SwapModel.Goal(role='large'))
+    assert ok and result.error_code == SwapModel.Result.NONE
+    wait_for(lambda: [(m.role, m.device) for m in status[-1].loaded] == [('large', 'cpu')],
+             what='auto = cpu here')
+
+    strict = harness(MM, **{'model_manager:autostart': False, 'model_manager:cpu_fallback': False,
+                            'model_manager:models.small.device': 'cuda',
+                            'model_manager:models.large.device': 'cuda'})
+    node = strict.node(ModelManagerNode)
+    assert isinstance(node, ModelManagerNode)
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert node.pool is None and 'CUDA is not available' in node._error

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any, Callable, List
 
 import pytest
 from rclpy.action import ActionClient, ActionServer, CancelResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sage_interfaces.action import Language, Reasoning
 from sage_interfaces.msg import BlockDescription, ModelStatus
@@ -21,6 +23,7 @@ from sage_ros.nodes.common import LATCHED
 from sage_ros.core.embeddings import EmbeddingError
 from sage_ros.nodes import reasoning_block
 from sage_ros.nodes.language_block import LanguageBlockNode
+from sage_ros.nodes.liveness import HeartbeatPublisher
 from sage_ros.nodes.reasoning_block import ReasoningBlockNode
 from node_harness import Harness, send_goal, wait_for
 
@@ -35,26 +38,45 @@ FINAL = 'Saturday picnic: the park by the river, with sandwiches, apples and lem
 
 class RecordingLanguage:
     """A stand-in `blocks/language` server that answers from a script and records the goals.
-    With `block_on_part`, the goal for that part runs until it is cancelled."""
+    With `block_on_part`, the goal for that part runs until it is cancelled. It runs in a node
+    named like the language block, with its heartbeat (the reasoning block follows it)."""
 
     def __init__(self, h: Harness, block_on_part: str = '') -> None:
         self.goals: List[Any] = []
         self.cancelled: List[str] = []
         self.block_on_part = block_on_part
-        self.server = ActionServer(h.probe, Language, names.BLOCK_LANGUAGE,
+        self.running = 0
+        self.node = Node(names.LANGUAGE_BLOCK, namespace=names.DEFAULT_NAMESPACE,
+                         context=h.context)
+        self.heartbeat = HeartbeatPublisher(self.node, 'language')
+        self.server = ActionServer(self.node, Language, names.BLOCK_LANGUAGE,
                                    execute_callback=self._execute,
                                    cancel_callback=lambda _: CancelResponse.ACCEPT,
                                    callback_group=ReentrantCallbackGroup())
+        h.executor.add_node(self.node)
 
     def _execute(self, gh: ServerGoalHandle) -> Language.Result:
+        self.running += 1
+        try:
+            return self._answer(gh)
+        finally:
+            self.running -= 1
+
+    def release(self) -> None:
+        """End a goal held by `block_on_part`, and wait until it has."""
+        self.block_on_part = ''
+        wait_for(lambda: self.running == 0, what='the stand-in goal ended')
+
+    def _answer(self, gh: ServerGoalHandle) -> Language.Result:
         goal = gh.request
         self.goals.append(goal)
         if goal.text == self.block_on_part:
-            while not gh.is_cancel_requested:
+            while not gh.is_cancel_requested and self.block_on_part:
                 threading.Event().wait(0.01)
-            self.cancelled.append(goal.text)
-            gh.canceled()
-            return Language.Result(error_code=Language.Result.CANCELLED)
+            if gh.is_cancel_requested:
+                self.cancelled.append(goal.text)
+                gh.canceled()
+                return Language.Result(error_code=Language.Result.CANCELLED)
         if 'sub-questions' in goal.text:
             text = '\n'.join(f'{n}. {q}' for n, q in enumerate(PARTS, 1))
         elif not goal.ephemeral:
@@ -230,3 +252,42 @@ def test_goals_beyond_max_goals_are_refused(harness: Callable[..., Harness]) -> 
     recorder.block_on_part = ''
     ok, result, _ = send_goal(client, Reasoning.Goal(turn_id=3, problem=PROBLEM, atp_budget=100.0))
     assert ok and result.error_code == Reasoning.Result.NONE, 'the slot is free again'
+
+
+def test_a_step_fails_at_once_when_the_language_block_stops(
+        harness: Callable[..., Harness]) -> None:
+    h, descriptions, client = reasoning_harness(harness)
+    recorder = RecordingLanguage(h, block_on_part=PARTS[1])
+    wait_for(lambda: descriptions and descriptions[-1].loaded, what='loaded')
+    assert client.wait_for_server(timeout_sec=10.0)
+    sent = client.send_goal_async(Reasoning.Goal(turn_id=3, problem=PROBLEM, atp_budget=100.0))
+    wait_for(lambda: [g.text for g in recorder.goals][-1:] == [PARTS[1]],
+             what='the blocking part in flight')
+    h.executor.remove_node(recorder.node)    # hangs as a killed one would: no heartbeat, no answer
+    t0 = time.monotonic()
+    res = sent.result().get_result_async()
+    wait_for(res.done, 10.0, 'the goal failed')
+    assert time.monotonic() - t0 < 6.0
+    result = res.result().result
+    assert result.error_code == Reasoning.Result.FAILED
+    assert 'language block stopped (no heartbeat for 2.0 s)' in result.error_msg
+    wait_for(lambda: not descriptions[-1].loaded, what='advertised not loaded')
+    assert descriptions[-1].concurrency == 1
+    recorder.release()
+
+
+def test_destroy_node_is_bounded_during_a_step(harness: Callable[..., Harness]) -> None:
+    h, descriptions, client = reasoning_harness(harness)
+    recorder = RecordingLanguage(h, block_on_part=PARTS[1])
+    wait_for(lambda: descriptions and descriptions[-1].loaded, what='loaded')
+    assert client.wait_for_server(timeout_sec=10.0)
+    client.send_goal_async(Reasoning.Goal(turn_id=3, problem=PROBLEM, atp_budget=100.0))
+    wait_for(lambda: [g.text for g in recorder.goals][-1:] == [PARTS[1]],
+             what='the blocking part in flight')
+    node = h.node(ReasoningBlockNode)
+    h.executor.remove_node(node)
+    h.nodes.remove(node)
+    t0 = time.monotonic()
+    node.destroy_node()            # the step is cancelled and not waited out
+    assert time.monotonic() - t0 < 4.0
+    recorder.release()

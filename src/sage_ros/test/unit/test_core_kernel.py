@@ -52,9 +52,9 @@ class TableScorer:
 
 
 def block(name: str = 'language', loaded: bool = True, action: str = ACTION_LANGUAGE,
-          capability: str = 'conversation') -> BlockDescriptor:
+          capability: str = 'conversation', concurrency: int = 0) -> BlockDescriptor:
     return BlockDescriptor(name, BlockType.MONOLITHIC, (capability,), ('text',),
-                           f'/sage/blocks/{name}', action, loaded)
+                           f'/sage/blocks/{name}', action, loaded, concurrency=concurrency)
 
 
 def config(**changes: Any) -> KernelConfig:
@@ -118,11 +118,31 @@ def test_invalid_text_is_rejected_with_a_reason_and_not_scored(raw: str, reason:
     assert snap.trust[0].trust < k.config.trust.prior
 
 
-def test_no_block_means_rejection_with_the_score() -> None:
+def test_without_a_block_an_observation_waits_for_the_graph_then_is_served() -> None:
     k = kernel(blocks=(block(loaded=False),))
     obs = k.observe('text', 'hello', now=0.0)
-    assert obs.rejection is not None and 'no loaded block' in obs.rejection.reason
-    assert obs.score is not None and k.cycle(0.0).dispatches == ()
+    assert obs.rejection is None and obs.score is not None and obs.observation_id == 'text/1'
+    out = k.cycle(0.0)
+    assert out.dispatches == () and out.deferred == (
+        (obs.turn_id, 'waiting for the graph: no loaded block offers conversation on text'),)
+    k.graph_reason = "the language block is not ready: loading 'small'"
+    assert k.cycle(0.5).deferred == (
+        (obs.turn_id, "waiting for the graph: the language block is not ready: loading 'small'"),)
+    k.blocks.update(block())
+    (d,) = k.cycle(1.0).dispatches
+    assert (d.turn_id, d.observation_id) == (obs.turn_id, 'text/1')
+
+
+def test_waiting_for_the_graph_expires_with_the_reason() -> None:
+    k = kernel(blocks=(), deferred_ttl_s=5.0)
+    k.graph_reason = 'the language block stopped (no heartbeat for 2.0 s)'
+    obs = k.observe('console', 'hello', 0.0, observation_id='c1/1')
+    k.cycle(0.0)
+    (expired,) = k.cycle(5.0).expired
+    assert (expired.turn_id, expired.observation_id, expired.sensor_id) == (obs.turn_id, 'c1/1',
+                                                                          'console')
+    assert expired.reason == ('expired after waiting 5 s: waiting for the graph: the language '
+                              'block stopped (no heartbeat for 2.0 s)')
 
 
 def test_a_sensor_the_state_does_not_accept_is_rejected() -> None:
@@ -255,7 +275,7 @@ def test_bug_a_state_with_no_targets_still_served_one() -> None:
     k.cycle(0.0)
     k.cycle(11.0)
     assert k.state is S.DREAM and k.snapshot(11.0).consolidation_allowed
-    k.observe('text', 'whisper', 12.0)
+    k.observe('radio', 'whisper', 12.0)
     out = k.cycle(12.0)
     assert out.dispatches == () and out.deferred[0][1] == 'DREAM defers salience 0.25 < 1.00'
     k.observe('text', 'hey!', 13.0)
@@ -296,17 +316,24 @@ def test_with_the_default_config_a_drained_kernel_rests_dreams_and_wakes() -> No
 def test_crisis_serves_only_the_most_salient_target() -> None:
     k = kernel({'low': 0.2, 'high': 0.9, 'mid': 0.5}, metabolism__min_dwell_s=100.0)
     drain_to(k, 8.0, 0.0)
-    for text in ('low', 'high', 'mid'):
-        k.observe('text', text, 0.1)
+    for text in ('low', 'high', 'mid'):           # three sources: served by salience
+        k.observe(f'{text} sensor', text, 0.1)
     out = k.cycle(0.1)
-    assert "CRISIS serves 'text' at most every 0.2 s" in out.deferred[0][1]   # just served
-    out = k.cycle(0.3)
     assert k.state is S.CRISIS and [d.text for d in out.dispatches] == ['high']
-    assert k.snapshot(0.3).max_targets == 1
+    assert k.snapshot(0.1).max_targets == 1
     assert sorted(p.text for p in k.pending.values()) == ['low', 'mid']
     assert k.cycle(0.6).dispatches == ()              # one at a time, even when polled again
     k.complete(out.dispatches[0].turn_id, WorkResult(True, 1), 0.7)
     assert [d.text for d in k.cycle(0.8).dispatches] == ['mid']
+
+
+def test_crisis_polls_a_source_at_its_slower_rate() -> None:
+    k = kernel(metabolism__min_dwell_s=100.0)
+    drain_to(k, 8.0, 0.0)                           # 'text' served at 0.0
+    k.observe('text', 'again', 0.1)
+    out = k.cycle(0.1)
+    assert k.state is S.CRISIS and "CRISIS serves 'text' at most every 0.2 s" in out.deferred[0][1]
+    assert [d.text for d in k.cycle(0.3).dispatches] == ['again']
 
 
 def test_entering_crisis_keeps_only_the_most_salient_running_goal() -> None:
@@ -517,3 +544,71 @@ def test_the_language_block_advertises_conversation() -> None:
     reg = BlockRegistry()
     reg.update(desc)
     assert reg.find('conversation', 'text') == desc
+
+
+# ---- sources, ids, concurrency, lost blocks (issue 8) --------------------------------------
+def test_one_source_is_served_in_arrival_order_and_sources_by_salience() -> None:
+    k = kernel({'first': 0.2, 'second': 0.45, 'other': 0.3}, blocks=(block(concurrency=1),))
+    first = k.observe('console', 'first', 0.0, observation_id='c/1')
+    second = k.observe('console', 'second', 0.0, observation_id='c/2')
+    k.observe('mic', 'other', 0.0)
+    out = k.cycle(0.0)
+    # 'second' is the most salient, but it may not overtake 'first' of its own source.
+    assert [(d.text, d.sensor_id, d.observation_id) for d in out.dispatches] == [
+        ('other', 'mic', 'mic/3')]
+    reasons = dict(out.deferred)
+    assert reasons[first.turn_id] == "busy: 'language' works on 1 goal at once"
+    assert reasons[second.turn_id] == (f"after turn {first.turn_id} of 'console': busy: "
+                                       "'language' works on 1 goal at once")
+    k.complete(out.dispatches[0].turn_id, WorkResult(True, 1), 0.1)
+    (d,) = k.cycle(0.1).dispatches
+    assert (d.text, d.observation_id) == ('first', 'c/1')
+    k.complete(d.turn_id, WorkResult(True, 1), 0.2)
+    assert [d.observation_id for d in k.cycle(0.2).dispatches] == ['c/2']
+
+
+def test_no_block_gets_more_goals_than_its_concurrency_and_others_take_the_rest() -> None:
+    k = kernel(blocks=(block('language', concurrency=1), block('chat', concurrency=2)),
+               states__wake__max_targets=5)
+    for i in range(5):
+        k.observe(f'source {i}', f'hello {i}', 0.0)
+    out = k.cycle(0.0)
+    assert sorted(d.block.name for d in out.dispatches) == ['chat', 'chat', 'language']
+    assert len(k.pending) == 2 and all('busy:' in r for _, r in out.deferred)
+    assert k.cycle(0.1).dispatches == ()
+
+
+def test_a_lost_block_fails_its_running_goals_at_once_without_a_crisis() -> None:
+    k = kernel(blocks=(block('language'), block('reasoning', action=ACTION_REASONING,
+                                                   capability='reasoning')),
+               metabolism__crisis_after_failures=1)
+    on_language = serve(k, 'hello', 0.0)
+    level = k.ledger.level
+    lost = k.block_lost('language', 'the language block stopped (no heartbeat for 2.0 s)', 1.0)
+    assert [(x.turn_id, x.block_name) for x in lost] == [(on_language.turn_id, 'language')]
+    assert lost[0].charged == k.config.atp.per_run and k.active == {}
+    assert k.ledger.reserved == 0.0 and k.ledger.level == pytest.approx(level - 1.0, abs=0.01)
+    assert k.trust.get('language') < k.config.trust.prior
+    assert k.block_lost('language', 'again', 1.0) == []
+    k.cycle(1.1)
+    assert k.state is S.WAKE      # a dead process is not a failed answer
+    assert k.complete(on_language.turn_id, WorkResult(True, 3), 1.2) is None   # too late
+
+
+def test_turn_ids_start_where_the_node_says() -> None:
+    reg = BlockRegistry()
+    reg.update(block())
+    k = Kernel(TableScorer(), config(), reg, first_turn=1_700_000_000_000_000)
+    obs = k.observe('text', 'hello', 0.0)
+    assert obs.turn_id == 1_700_000_000_000_000 and obs.observation_id == 'text/1700000000000000'
+    assert k.observe('text', 'again', 0.0).turn_id == obs.turn_id + 1
+
+
+def test_a_dropped_observation_keeps_its_id_and_says_why() -> None:
+    k = kernel({'a': 0.5, 'b': 0.2}, blocks=(), max_pending=1)
+    k.observe('console', 'a', 0.0, observation_id='c/1')
+    k.cycle(0.0)
+    k.observe('console', 'b', 0.1, observation_id='c/2')
+    (dropped,) = k.cycle(0.1).expired
+    assert dropped.observation_id == 'c/2' and dropped.reason.startswith(
+        'dropped: 1 observations already waiting and this was the least salient (0.20)')

@@ -29,9 +29,36 @@ def test_generate_streams_pieces_that_make_the_answer(tiny_models: Dict[str, Pat
     g = p.generate('small', HELLO, on_text=pieces.append)
     assert g.completion_tokens == 6 and g.prompt_tokens > 5
     assert g.model_id == 'tiny-small' and g.role == 'small' and g.swapped
-    assert pieces and ''.join(pieces).strip() == g.text
+    # The tiny models never end by themselves: the answer ran into its cap, so it is marked
+    # shortened and is what streamed, cut back to its last sentence end if it has one.
+    assert g.truncated and pieces and ''.join(pieces).strip().startswith(g.text)
     assert 0 < g.time_to_first_token_s <= g.duration_s
     assert not p.generate('small', HELLO).swapped
+
+
+def test_an_answer_that_ends_with_its_eos_token_is_not_shortened(
+        tiny_models: Dict[str, Path]) -> None:
+    p = pool(tiny_models, max_new_tokens=6)
+    entry = p.load('small')
+    tok, config = entry.tokenizer, entry.model.generation_config
+    # Let the model end: EOS allowed, and forced as the last token of the budget.
+    config.suppress_tokens = tok.convert_tokens_to_ids(['<|endoftext|>', '<|im_start|>'])
+    config.forced_eos_token_id = tok.eos_token_id
+    g = p.generate('small', HELLO)
+    assert g.completion_tokens == 6 and not g.truncated
+
+
+def test_devices_resolve_to_the_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_ros.core import models
+    monkeypatch.setattr(models, 'cuda_available', lambda: False)
+    assert models.resolve_device('auto', False) == ('cpu', '')
+    device, note = models.resolve_device('cuda:0', True)
+    assert device == 'cpu' and 'CUDA is not available' in note
+    assert models.resolve_device('cuda', False) == ('cuda', '')
+    assert models.resolve_device('cpu', True) == ('cpu', '')
+    monkeypatch.setattr(models, 'cuda_available', lambda: True)
+    assert models.resolve_device('auto', False) == ('cuda', '')
+    assert models.resolve_device('cuda:1', True) == ('cuda:1', '')
 
 
 def test_swap_evicts_the_previous_model_and_frees_it(tiny_models: Dict[str, Path]) -> None:
@@ -117,6 +144,20 @@ class Recorder:
         self.calls.append(list(messages))
         return self.inner.generate(role, messages, max_new_tokens, temperature, on_text,
                                    should_stop, complexity)
+
+
+def test_a_turns_cap_is_told_to_the_model_and_the_lower_cap_wins(
+        tiny_models: Dict[str, Path]) -> None:
+    rec = Recorder(pool(tiny_models, max_new_tokens=8))
+    block = LanguageBlock(rec, max_new_tokens=5, length_hint=True)
+    a = block.respond('hello', max_new_tokens=3)
+    assert a.generation.completion_tokens == 3
+    assert rec.calls[0][0].role == 'system' and 'under 5 words' in rec.calls[0][0].content
+    b = block.respond('hello again')            # no cap from the turn: no hint, block cap
+    assert b.generation.completion_tokens == 5
+    assert 'words' not in rec.calls[1][0].content
+    block.conversation.set_max_exchanges(1)
+    assert len(block.conversation) == 1
 
 
 def test_conversation_survives_a_swap(tiny_models: Dict[str, Path]) -> None:
