@@ -24,11 +24,11 @@ setup(
     entry_points={
         'console_scripts': [
             'sage = sage_ros.cli.main:main',
-            'kernel = sage_ros.nodes.kernel:main',
-            'text_sensor = sage_ros.nodes.text_sensor:main',
-            'language_block = sage_ros.nodes.language_block:main',
-            'model_manager = sage_ros.nodes.model_manager:main',
-            'reasoning_block = sage_ros.nodes.reasoning_block:main',
+            'kernel = sage_ros.nodes.launcher:kernel',
+            'text_sensor = sage_ros.nodes.launcher:text_sensor',
+            'language_block = sage_ros.nodes.launcher:language_block',
+            'model_manager = sage_ros.nodes.launcher:model_manager',
+            'reasoning_block = sage_ros.nodes.launcher:reasoning_block',
         ],
     },
 )

@@ -31,7 +31,7 @@ from sage_interfaces.msg import (KernelState, ModelStatus, Response, ResponseChu
 from .. import graph, names
 from ..core.text import InvalidText, sanitize
 from ..graph import Profile
-from ..nodes.common import LATCHED, RELIABLE, executor_threads
+from ..nodes.common import LATCHED, RELIABLE, destroy_nodes, executor_threads
 from ..nodes.liveness import LivenessWatch
 from .graph_runner import GraphError, check_params_file, context_args, create_nodes
 
@@ -155,6 +155,7 @@ class Chat:
         self.console: Optional[ConsoleNode] = None
         self.embedded: List[Node] = []
         self._spin: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -194,7 +195,8 @@ class Chat:
     def _spin_executor(self) -> None:
         assert self.executor is not None
         try:
-            self.executor.spin()
+            while not self._stopping.is_set() and self.context.ok():
+                self.executor.spin_once(timeout_sec=0.1)
         except ExternalShutdownException:
             pass
         except Exception as exc:  # a node callback raised: report it, the console times out
@@ -210,8 +212,10 @@ class Chat:
         said_loading = False
         while not self.console.ready():
             models = self.console.models
+            # Only a configure that failed (back to unconfigured) is final: while configuring,
+            # a failed default load may still be followed by its fallback's.
             if (models is not None and models.error and not models.loaded
-                    and not models.loading_role and models.lifecycle_state != 'active'):
+                    and not models.loading_role and models.lifecycle_state == 'unconfigured'):
                 raise GraphError(f'model manager: {models.error}')  # nothing could load
             if not said_loading and models is not None and models.loading_role:
                 self.say(f'loading the {models.loading_role} model...')
@@ -222,14 +226,17 @@ class Chat:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(timeout_sec=5.0)
+        """Destroy the nodes while the executor still delivers what their destroy_node waits
+        for (bounded), then shut down: nothing is left running against a destroyed node."""
+        self._stopping.set()
         if self._spin is not None:
             self._spin.join(timeout=5.0)
-        for n in self.embedded:
-            n.destroy_node()
-        if self.console is not None:
-            self.console.destroy_node()
+        nodes = [*self.embedded, *([self.console] if self.console is not None else [])]
+        if self.executor is not None:
+            destroy_nodes(self.executor, nodes)
+        else:
+            for n in nodes:
+                n.destroy_node()
         rclpy.try_shutdown(context=self.context)
 
     # ---- turns -------------------------------------------------------------------------------

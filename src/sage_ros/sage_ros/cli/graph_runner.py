@@ -210,7 +210,7 @@ class Supervisor:
         self.namespace = namespace
         self._on_start = on_start
         self.children = [
-            _Child(spec, [sys.executable, '-m', spec.module,
+            _Child(spec, [sys.executable, '-m', 'sage_ros.nodes.launcher', spec.executable,
                           *ros_args(spec, namespace, list(params_files))],
                    required=spec is not TEXT_SENSOR, delay_s=policy.delay_s)
             for spec in specs]

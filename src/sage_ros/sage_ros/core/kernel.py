@@ -819,6 +819,23 @@ class Kernel:
         return Preemption(d.turn_id, by_turn, d.block.name, reason, charged)
 
     # ---- results -------------------------------------------------------------------------------
+    def requeue(self, turn_id: int, reason: str, now: float) -> bool:
+        """Put a dispatch that its block could not start back in line (its grant returns): it
+        waits with `reason` like any observation, keeps its place and age (deferred_ttl_s
+        still bounds it), and goes out again when a block serves. False if not running."""
+        d = self.active.pop(turn_id, None)
+        if d is None:
+            return False
+        self._tick(now)
+        self.ledger.settle(d.atp_grant, 0.0)
+        score = d.score if d.score is not None else SalienceScore(
+            0.0, 0.0, 0.0, 0.5, 0.0, d.salience)
+        self.pending[turn_id] = _Pending(turn_id, d.sensor_id, d.text, score, d.complexity,
+                                         d.received_at, d.metabolic_state, reason, True,
+                                         d.observation_id)
+        self.last_decision = f'turn {turn_id}: waiting again ({reason})'
+        return True
+
     def complete(self, turn_id: int, result: WorkResult, now: float) -> Optional[Settlement]:
         """Settle a dispatch; None if the turn is not running (already preempted or timed out)."""
         d = self.active.pop(turn_id, None)

@@ -27,7 +27,8 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
+from typing import (Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, TypeVar,
+                    cast)
 
 import numpy as np
 from action_msgs.msg import GoalStatus
@@ -188,6 +189,11 @@ class KernelNode(Node):
         self._dispatches: Dict[int, Dispatch] = {}      # sent or being sent, not yet answered
         self._goals: Dict[int, ClientGoalHandle] = {}
         self._sent_to: Dict[int, str] = {}    # turn -> instance id of the block it was sent to
+        self._streamed: Set[int] = set()       # turns whose answer has begun to stream
+        self._requeued: Set[int] = set()       # turns sent back in line once already
+        # block -> (why, when): it refused a goal it could not start, so it serves again only
+        # once a heartbeat sent after that says ready (its last one may predate what it knows)
+        self._held: Dict[str, Tuple[str, float]] = {}
         self._descriptions: Dict[str, BlockDescriptor] = {}   # as announced, by block name
         self._usable: Dict[str, bool] = {}                    # heartbeat ready + server reachable
         self._fresh: set[str] = set()                         # descriptions not registered yet
@@ -325,6 +331,12 @@ class KernelNode(Node):
         if beat is None:
             return False, self._stopped.get(desc.name, f'the {desc.name} block has not sent a '
                                                        'heartbeat yet')
+        held = self._held.get(desc.name)
+        if held is not None:
+            if beat.ready and self._watch.seen_at(beat.node) > held[1] + 0.05:
+                del self._held[desc.name]
+            else:
+                return False, f'the {desc.name} block is not ready: {held[0]}'
         if not beat.ready:
             return False, (f'the {desc.name} block is not ready: '
                            f'{beat.not_ready_reason or "it gives no reason"}')
@@ -535,6 +547,7 @@ class KernelNode(Node):
             self.get_logger().debug(f'turn {d.turn_id}: reasoning step {fb.step}, energy '
                                     f'{fb.energy:.2f}: {fb.summary}')
         elif fb.text:
+            self._streamed.add(d.turn_id)
             self._stream_pub.publish(ResponseChunk(
                 turn_id=d.turn_id, observation_id=d.observation_id, source=d.sensor_id,
                 text=fb.text, model=fb.model))
@@ -543,11 +556,28 @@ class KernelNode(Node):
     def _on_result(self, d: Dispatch, future: Future) -> None:
         self._goals.pop(d.turn_id, None)
         self._sent_to.pop(d.turn_id, None)
+        began = d.turn_id in self._streamed
+        self._streamed.discard(d.turn_id)
         if self._dispatches.pop(d.turn_id, None) is None:
             return   # already answered (preempted, timed out, its block lost)
         wrapped = future.result()
         result = wrapped.result
         ok = wrapped.status == GoalStatus.STATUS_SUCCEEDED and result.error_code == result.NONE
+        if (not ok and d.kind != KIND_REASONING and not began and d.turn_id not in self._requeued
+                and result.error_code == Language.Result.MODEL_UNAVAILABLE):
+            # The block could not start it (its model manager had just stopped, which its
+            # heartbeat had not told yet): the turn waits for the graph instead of failing,
+            # once; a second refusal is an answer.
+            self._requeued.add(d.turn_id)
+            why = result.error_msg or 'its model is unavailable'
+            self._held[d.block.name] = (why, time.monotonic())
+            self.core.requeue(d.turn_id, f'waiting for the graph: the {d.block.name} block '
+                              f'could not start it ({why})', self._now())
+            self.get_logger().warning(f'turn {d.turn_id} ({d.observation_id}) waits again: '
+                                      f'{d.block.name} could not start it ({why})')
+            self._refresh_readiness(force=True)
+            return
+        self._requeued.discard(d.turn_id)
         if d.kind == KIND_REASONING:
             work = WorkResult(ok, atp_reported=float(result.atp_spent),
                               converged=bool(result.converged))
@@ -597,6 +627,8 @@ class KernelNode(Node):
         d = self._dispatches.pop(turn, None)
         self._goals.pop(turn, None)
         self._sent_to.pop(turn, None)
+        self._streamed.discard(turn)
+        self._requeued.discard(turn)
         if d is None:
             return
         self.get_logger().error(f'turn {turn} ({d.observation_id}) failed: {reason}')

@@ -121,3 +121,8 @@ class LivenessWatch:
     def block(self, name: str) -> Optional[Beat]:
         with self._lock:
             return self.monitor.block(name)
+
+    def seen_at(self, node: str) -> float:
+        """Monotonic time of the node's latest heartbeat."""
+        with self._lock:
+            return self.monitor.seen_at(node)

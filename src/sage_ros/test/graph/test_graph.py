@@ -61,6 +61,10 @@ def test_console_attaches_and_answers_a_script(graph_processes: Tuple[Probe, sub
                                                domain: int) -> None:
     probe, _ = graph_processes
     probe.wait(lambda: expected_nodes() <= probe.node_names(), 60, 'all nodes')
+    # The console waits for the graph to be ready (a conversation block serves); the complex
+    # turn below needs the reasoning block serving too.
+    probe.wait(lambda: probe.state is not None and 'reasoning' in probe.state.blocks, 120,
+               'the reasoning block serving')
     out = subprocess.run([*SAGE, 'chat', '--attach', '--script', '-', '--json'],
                          input='hello\nDesign a home for a robot\n', env=graph_env(domain),
                          capture_output=True, text=True, timeout=300)

@@ -55,6 +55,7 @@ class FakeBlock:
         self.running = 0
         self.most_running = 0
         self.beating, self.ready, self.instance = beating, True, uuid.uuid4().hex[:12]
+        self.unavailable = 0     # goals still to refuse as a language block whose model is gone
         self.server = ActionServer(
             h.probe, action, f'blocks/{name}', execute_callback=self._execute,
             goal_callback=lambda g: GoalResponse.ACCEPT,
@@ -94,6 +95,11 @@ class FakeBlock:
             self.cancelled.append(goal.turn_id)
             gh.canceled()
             return self.action.Result(error_code=self.action.Result.CANCELLED)
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            gh.abort()
+            return Language.Result(error_code=Language.Result.MODEL_UNAVAILABLE,
+                                   error_msg='model manager stopped (no heartbeat for 2.0 s)')
         if self.action is Reasoning:
             for step in (1, 2):
                 gh.publish_feedback(Reasoning.Feedback(step=step, energy=1.0 / step,
@@ -246,9 +252,9 @@ def test_a_block_that_goes_silent_fails_its_goal_at_once_and_serves_again_when_b
     assert r.observation_id == first and r.status == Response.STATUS_FAILED
     assert r.error == ('the language block stopped (no heartbeat for 2.0 s); ask again when it '
                        'is back')
-    wait_for(lambda: not states[-1].ready and 'language' not in states[-1].blocks, 10,
-             'not ready')
-    assert states[-1].ready_reason == 'the language block stopped (no heartbeat for 2.0 s)'
+    wait_for(lambda: not states[-1].ready and 'language' not in states[-1].blocks
+             and states[-1].ready_reason == 'the language block stopped (no heartbeat for 2.0 s)',
+             10, 'not ready, saying why')
     assert states[-1].active_dispatches == 0
     (waiting,) = tell(h, 'console', 'are you back?')   # waits for the graph
     language.hold = False
@@ -491,3 +497,34 @@ def test_an_unusable_state_file_is_one_clear_error(tiny_models: Dict[str, Any], 
             create_nodes((graph.KERNEL,), context)
     finally:
         rclpy.try_shutdown(context=context)
+
+
+def test_a_turn_its_block_could_not_start_waits_once_and_is_answered(
+        kernel_harness: Callable[..., Harness]) -> None:
+    """A block that just lost its model manager (its heartbeat did not say so yet) refuses the
+    goal before any text: the turn waits for a fresh ready heartbeat instead of failing."""
+    h = kernel_harness()
+    language = FakeBlock(h, Language, 'language', 'conversation')
+    language.unavailable = 1
+    responses = h.collect(Response, names.RESPONSE)
+    states = h.collect(KernelState, names.STATE, ALL_STATES)
+    wait_for(ready(states), 10, 'ready')
+    (oid,) = tell(h, 'console', 'hello')
+    wait_for(lambda: len(responses) == 1, 10, 'the answer')
+    assert responses[0].observation_id == oid and responses[0].status == Response.STATUS_OK
+    assert len(language.requests) == 2
+    assert any(not s.ready and 'model manager stopped' in s.ready_reason for s in states)
+
+
+def test_a_second_refusal_is_the_answer(kernel_harness: Callable[..., Harness]) -> None:
+    h = kernel_harness()
+    language = FakeBlock(h, Language, 'language', 'conversation')
+    language.unavailable = 2
+    responses = h.collect(Response, names.RESPONSE)
+    states = h.collect(KernelState, names.STATE, ALL_STATES)
+    wait_for(ready(states), 10, 'ready')
+    (oid,) = tell(h, 'console', 'hello')
+    wait_for(lambda: len(responses) == 1, 10, 'the answer')
+    assert responses[0].observation_id == oid and responses[0].status == Response.STATUS_FAILED
+    assert responses[0].error == 'model manager stopped (no heartbeat for 2.0 s)'
+    assert len(language.requests) == 2

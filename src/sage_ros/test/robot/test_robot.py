@@ -102,12 +102,14 @@ def test_demo_launch_answers_and_obeys_the_ros2_tools(shell: RobotShell, demo: L
     # A kernel parameter changed at run time takes effect; a bad value is refused.
     kernel = f'{NS}/kernel'
     name = 'metabolism.focus_exit'
-    assert 'Set parameter successful' in shell.run('ros2', 'param', 'set', kernel, name,
+    param = ('ros2', 'param')
+    wait = ('--timeout', '10')       # the CLI's own discovery can take more than its 1 s default
+    assert 'Set parameter successful' in shell.run(*param, 'set', *wait, kernel, name,
                                                    '0.3').stdout
-    assert 'Double value is: 0.3' in shell.run('ros2', 'param', 'get', kernel, name).stdout
-    refused = shell.run('ros2', 'param', 'set', kernel, name, '1.5').stdout
+    assert 'Double value is: 0.3' in shell.run(*param, 'get', *wait, kernel, name).stdout
+    refused = shell.run(*param, 'set', *wait, kernel, name, '1.5').stdout
     assert 'Setting parameter failed' in refused, refused
-    assert 'Double value is: 0.3' in shell.run('ros2', 'param', 'get', kernel, name).stdout
+    assert 'Double value is: 0.3' in shell.run(*param, 'get', *wait, kernel, name).stdout
 
     # The language block's action streams feedback to `ros2 action send_goal --feedback`.
     goal = shell.run('ros2', 'action', 'send_goal', '--feedback', f'{NS}/blocks/language',
