@@ -84,6 +84,7 @@ class ModelManagerNode(LifecycleNode):
                                     callback_group=ReentrantCallbackGroup())
         self._guard_change_state()
         self.pool: Optional[ModelPool] = None
+        self._fallbacks_said: Set[str] = set()
         self._retiring: List[ModelPool] = []   # pools being unloaded after cleanup
         self._active = False
         self._state_label = 'unconfigured'
@@ -540,7 +541,11 @@ class ModelManagerNode(LifecycleNode):
             result.time_to_first_token_s, result.duration_s = g.time_to_first_token_s, g.duration_s
             result.requested_role, result.fallback = g.requested_role, g.fallback
             if g.decision == 'fallback':
-                self.get_logger().warning(g.fallback)
+                # Said once per reason: a missing model is news once, not on every turn
+                # (models/status and each Response keep saying it).
+                if g.fallback not in self._fallbacks_said:
+                    self._fallbacks_said.add(g.fallback)
+                    self.get_logger().warning(g.fallback)
             elif g.fallback:
                 self.get_logger().info(g.fallback)
             if g.swapped:

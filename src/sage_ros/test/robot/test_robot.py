@@ -149,8 +149,6 @@ def test_robot_profile_starts_under_launch_with_a_cpu_override(
         launch.close()
 
 
-@pytest.mark.xfail(reason='the model manager warns on every request for an unavailable role '
-                   '(once per turn, not once); nodes/model_manager.py', strict=False)
 def test_thor_says_once_what_it_cannot_load(shell: RobotShell, tiny_models: Dict[str, Path],
                                             tmp_path: Path) -> None:
     """Thor's large model missing on this machine: the graph still comes up and answers with
