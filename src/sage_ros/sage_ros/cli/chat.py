@@ -31,7 +31,7 @@ from sage_interfaces.msg import (KernelState, ModelStatus, Response, ResponseChu
 from .. import graph, names
 from ..core.text import InvalidText, sanitize
 from ..graph import Profile
-from ..nodes.common import LATCHED, RELIABLE, destroy_nodes, executor_threads
+from ..nodes.common import LATCHED, RELIABLE, destroy_nodes, executor_threads, init_context
 from ..nodes.liveness import LivenessWatch
 from .graph_runner import GraphError, check_params_file, context_args, create_nodes
 
@@ -165,9 +165,10 @@ class Chat:
         # `--params-file` goes on top of base.yaml and the profile's overlay.
         extra = [check_params_file(self.params_file)] if self.params_file else []
         files = graph.params_files(self.profile, extra)
-        rclpy.init(args=context_args(self.namespace, files if self.mode != 'attach' else None,
-                                     '' if self.verbose else 'fatal'),
-                   context=self.context)
+        # Without rclpy's signal handlers: Ctrl-C is a KeyboardInterrupt here, and `stop` then
+        # destroys the nodes while the context still carries their last messages.
+        init_context(context_args(self.namespace, files if self.mode != 'attach' else None,
+                                  '' if self.verbose else 'fatal'), self.context)
         self.console = ConsoleNode(self.context)
         self.executor = MultiThreadedExecutor(num_threads=executor_threads(len(self.profile.nodes)),
                                               context=self.context)

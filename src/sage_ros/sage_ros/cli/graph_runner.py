@@ -133,9 +133,10 @@ def _say(line: str) -> None:
 
 class DriverSession:
     """An rclpy context of `sage up`'s own with the hidden driver node spun on a thread, for
-    driving the lifecycle of nodes in other processes."""
+    driving the lifecycle of nodes in other processes. The driver stops when `stop` (the
+    process's stop request) is set, or at `close()`."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, stop: Optional[threading.Event] = None) -> None:
         from rclpy.executors import SingleThreadedExecutor
 
         from ..nodes.common import init_context
@@ -145,8 +146,8 @@ class DriverSession:
         self.node = Node(DRIVER_NODE, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._stop = threading.Event()
-        self.driver = LifecycleDriver(self.node, _say, self._stop)
+        self._stop = threading.Event()   # ends the spin thread (at close())
+        self.driver = LifecycleDriver(self.node, _say, stop)
         self._thread = threading.Thread(target=self._spin, daemon=True, name='sage-up-driver')
         self._thread.start()
 
@@ -160,7 +161,8 @@ class DriverSession:
 
     def close(self) -> None:
         import rclpy
-        self.driver.close()
+        self.driver.close()   # joins its threads: none may be in a client when it is destroyed
+        self._stop.set()
         self._thread.join(2.0)
         self.executor.shutdown(timeout_sec=0)
         self.node.destroy_node()
@@ -302,7 +304,7 @@ def run_processes(profile: Profile, namespace: str,
     session: Optional[DriverSession] = None
     if overrides is not None:
         files.append(overrides)
-        session = DriverSession(namespace)
+        session = DriverSession(namespace, stop.requested)
     drive = session.driver.drive if session is not None else None
 
     def started(spec: NodeSpec) -> None:
@@ -325,6 +327,8 @@ def run_processes(profile: Profile, namespace: str,
         else:
             _say(f'{stop.signal_name}: stopping every node')
     finally:
+        if session is not None:
+            session.driver.request_stop()   # no more polling of children that are stopping
         sup.stop()   # StopSignals stays installed: a second SIGINT meanwhile is ignored
         if session is not None:
             session.close()

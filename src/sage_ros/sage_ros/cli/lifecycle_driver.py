@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -26,6 +26,13 @@ LogFn = Callable[[str], None]
 CONFIGURE_TIMEOUT_S = 900.0
 ANSWER_S = 2.0          # a lifecycle service that says nothing this long did not get the request
 RESEND_AFTER_S = 4.0    # a transition request with no sign of the node acting on it is sent again
+CLOSE_JOIN_S = 2.0      # close() waits this long, in all, for the driving threads to end
+# The states a node passes through while a transition runs (a request that arrives meanwhile is
+# refused, yet the transition under way may still reach the goal).
+TRANSITION_STATES = frozenset((
+    State.TRANSITION_STATE_CONFIGURING, State.TRANSITION_STATE_CLEANINGUP,
+    State.TRANSITION_STATE_SHUTTINGDOWN, State.TRANSITION_STATE_ACTIVATING,
+    State.TRANSITION_STATE_DEACTIVATING, State.TRANSITION_STATE_ERRORPROCESSING))
 
 
 class _Target:
@@ -38,12 +45,12 @@ class _Target:
         self.generation = 0   # bumped on every drive(): an older drive thread gives up
 
 
-def _wait(future: Future, timeout_s: float, stop: threading.Event) -> bool:
+def _wait(future: Future, timeout_s: float, stopped: Callable[[], bool]) -> bool:
     done = threading.Event()
     future.add_done_callback(lambda _: done.set())
     deadline = time.monotonic() + timeout_s
     while not done.wait(0.05):
-        if stop.is_set() or time.monotonic() > deadline:
+        if stopped() or time.monotonic() > deadline:
             return False
     return True
 
@@ -51,7 +58,9 @@ def _wait(future: Future, timeout_s: float, stop: threading.Event) -> bool:
 class LifecycleDriver:
     """Configures and activates lifecycle nodes through their services, each on its own thread.
 
-    The `node` giving the clients must be spun by an executor on another thread.
+    The `node` giving the clients must be spun by an executor on another thread. The threads
+    end when `stop` is set (the process is stopping) or at `close()`, which waits for them: call
+    it before destroying the node.
     """
 
     def __init__(self, node: Node, log: LogFn, stop: Optional[threading.Event] = None,
@@ -59,6 +68,8 @@ class LifecycleDriver:
         self._node = node
         self._log = log
         self._stop = stop if stop is not None else threading.Event()
+        self._closed = threading.Event()   # set by request_stop()/close(), not seen by others
+        self._threads: List[threading.Thread] = []
         self._configure_timeout_s = configure_timeout_s
         self._targets: Dict[str, _Target] = {}
         self._lock = threading.Lock()
@@ -72,14 +83,34 @@ class LifecycleDriver:
                 target = self._targets[fqn] = _Target(self._node, fqn)
             target.generation += 1
             generation = target.generation
-        threading.Thread(target=self._run, args=(target, generation), daemon=True,
-                         name=f'lifecycle-{fqn}').start()
+            if self._stopped():
+                return
+            thread = threading.Thread(target=self._guarded_run, args=(target, generation),
+                                      daemon=True, name=f'lifecycle-{fqn}')
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+            thread.start()
 
-    def close(self) -> None:
-        self._stop.set()
+    def request_stop(self) -> None:
+        """Tell the driving threads to end (without waiting for them)."""
+        self._closed.set()
+
+    def close(self, timeout_s: float = CLOSE_JOIN_S) -> None:
+        """Stop the driving threads and wait for them (`timeout_s` in all), so none is still
+        using a client when the node is destroyed."""
+        self._closed.set()
+        with self._lock:
+            threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _stopped(self) -> bool:
+        return self._closed.is_set() or self._stop.is_set()
 
     def _current(self, target: _Target, generation: int) -> bool:
-        return not self._stop.is_set() and target.generation == generation
+        return not self._stopped() and target.generation == generation
 
     def _state(self, target: _Target, generation: int, patience_s: float) -> Optional[int]:
         """The node's state id, asking again until it answers; None when stopped or after
@@ -89,7 +120,7 @@ class LifecycleDriver:
             if not target.get.wait_for_service(timeout_sec=0.5):
                 continue
             future = target.get.call_async(GetState.Request())
-            if _wait(future, ANSWER_S, self._stop):
+            if _wait(future, ANSWER_S, self._stopped):
                 result = future.result()
                 if result is not None:
                     return int(result.current_state.id)
@@ -110,9 +141,13 @@ class LifecycleDriver:
                 transition=Transition(id=transition, label=label)))
             sent = time.monotonic()
             while self._current(target, generation) and time.monotonic() < deadline:
-                if _wait(future, 0.5, self._stop):
+                if _wait(future, 0.5, self._stopped):
                     result = future.result()
-                    return bool(result is not None and result.success)
+                    if result is not None and result.success:
+                        return True
+                    # Refused: maybe a resend reaching a node already on its way (the first
+                    # request was only slow to be picked up). What state is it in?
+                    return self._settle(target, generation, goal, deadline)
                 if time.monotonic() - sent > RESEND_AFTER_S:
                     # No answer yet: a long transition (the node is loading) or a lost request.
                     state = self._state(target, generation, ANSWER_S)
@@ -123,6 +158,29 @@ class LifecycleDriver:
                         break   # nothing happened: send it again
                     sent = time.monotonic()
         return False
+
+    def _settle(self, target: _Target, generation: int, goal: int, deadline: float) -> bool:
+        """After a refused request: True when the node is in (or, from a transition state,
+        reaches) `goal` before `deadline`; False when it is in another primary state."""
+        while self._current(target, generation) and time.monotonic() < deadline:
+            state = self._state(target, generation,
+                                max(0.1, min(ANSWER_S, deadline - time.monotonic())))
+            if state == goal:
+                return True
+            if state is not None and state not in TRANSITION_STATES:
+                return False
+            if self._closed.wait(0.2) or self._stop.is_set():
+                break
+        return False
+
+    def _guarded_run(self, target: _Target, generation: int) -> None:
+        """`_run`, reporting an error in one line (no traceback on a shutting-down process)."""
+        try:
+            self._run(target, generation)
+        except Exception as exc:   # e.g. a client destroyed under the thread at shutdown
+            if self._current(target, generation):
+                self._finish(target.fqn, f'driving its lifecycle failed: '
+                                         f'{type(exc).__name__}: {exc}')
 
     def _run(self, target: _Target, generation: int) -> None:
         fqn = target.fqn

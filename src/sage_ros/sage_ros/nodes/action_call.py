@@ -6,6 +6,11 @@ checking every `poll_s` whether to stop (the caller's goal was cancelled, or its
 away) and whether the server's node is gone (`gone`, from its heartbeat: a killed process
 answers nothing, so without it the call would wait out `timeout_s`). Each way out is a typed
 error with the reason in words.
+
+`ThreadSafeActionClient` is the client to call it with from a worker thread: rclpy's
+`ActionClient` sends a request before it registers the request's future, so an executor thread
+that takes the response in between drops it ("Ignoring unexpected goal response") and the call
+waits out its timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Callable, Optional, Tuple
 from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
 from rclpy.node import Node
+from rclpy.task import Future
 
 from ..core.liveness import RESTARTED, Beat
 from .liveness import LivenessWatch
@@ -43,6 +49,46 @@ class CallTimeout(CallError):
 
 class CallCancelled(CallError):
     """The caller stopped the call (`should_stop`); the goal was cancelled."""
+
+
+class ThreadSafeActionClient(ActionClient):
+    """An `ActionClient` whose requests can be sent from any thread: one lock holds across
+    sending a request and registering its future, and across taking responses, so a response
+    is only taken once its future is registered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the base class adds this waitable to its node: an executor may take data then.
+        self._request_lock = threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def take_data(self) -> Any:
+        with self._request_lock:
+            return super().take_data()
+
+    def send_goal_async(self, goal: Any, feedback_callback: Optional[Callable[[Any], None]] = None,
+                        goal_uuid: Any = None) -> Future:
+        with self._request_lock:
+            return super().send_goal_async(goal, feedback_callback=feedback_callback,
+                                           goal_uuid=goal_uuid)
+
+    def _get_result_async(self, goal_handle: Any) -> Future:
+        with self._request_lock:
+            return super()._get_result_async(goal_handle)
+
+    def _cancel_goal_async(self, goal_handle: Any) -> Future:
+        with self._request_lock:
+            return super()._cancel_goal_async(goal_handle)
+
+
+def _cancel_if_accepted(sent: Future) -> None:
+    """Done callback for a goal request the call gave up on: a late acceptance would leave the
+    goal running with nobody to own it, so cancel it."""
+    try:
+        handle = sent.result()
+        if handle is not None and handle.accepted:
+            handle.cancel_goal_async()
+    except Exception:  # noqa: BLE001 - the request failed or the client is gone: nothing runs
+        pass
 
 
 def _never() -> bool:
@@ -83,12 +129,16 @@ def call_action(client: ActionClient, goal: Any, *, what: str, server_wait_s: fl
     sent = client.send_goal_async(goal, feedback_callback=on_feedback)
     sent.add_done_callback(lambda _: done.set())
     deadline = time.monotonic() + max(server_wait_s, 1.0)
-    while not done.wait(poll_s):
-        check_gone()
-        if should_stop():
-            raise CallCancelled('cancelled while the goal was being sent to the ' + what)
-        if time.monotonic() >= deadline:
-            raise ServerUnavailable(f'{what} did not answer the goal request')
+    try:
+        while not done.wait(poll_s):
+            check_gone()
+            if should_stop():
+                raise CallCancelled('cancelled while the goal was being sent to the ' + what)
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(f'{what} did not answer the goal request')
+    except CallError:
+        sent.add_done_callback(_cancel_if_accepted)   # nobody owns the goal if it comes late
+        raise
     handle = sent.result()
     if handle is None or not handle.accepted:
         raise ServerUnavailable(f'{what} refused the goal (see its log for why)')

@@ -85,7 +85,9 @@ def declare_router(node: Node, purpose: str) -> Callable[[str], Complexity]:
 
 
 def stamp(t: Optional[float] = None) -> Time:
-    """A wall-clock `builtin_interfaces/Time` (the kernel does not run on simulated time)."""
+    """A wall-clock `builtin_interfaces/Time`: for the wall times the core records (a model's
+    load, a swap) and the model manager's and blocks' status stamps. The kernel, whose decisions
+    follow `use_sim_time`, stamps with its node clock instead."""
     t = time.time() if t is None else t
     sec = int(t)
     return Time(sec=sec, nanosec=int((t - sec) * 1e9))

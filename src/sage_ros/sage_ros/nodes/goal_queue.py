@@ -93,7 +93,12 @@ class GoalQueue:
             else:
                 self._queue.append(gh)
         if start:
-            gh.execute()
+            try:
+                gh.execute()
+            except Exception:  # noqa: BLE001 - the executor is gone (shutdown)
+                with self._lock:
+                    self._running.discard(_key(gh))
+                    self._lock.notify_all()
         self._changed()
 
     def cancel_callback(self, gh: ServerGoalHandle) -> CancelResponse:

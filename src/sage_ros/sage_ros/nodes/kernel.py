@@ -192,7 +192,8 @@ class KernelNode(Node):
         self._streamed: Set[int] = set()       # turns whose answer has begun to stream
         self._requeued: Set[int] = set()       # turns sent back in line once already
         # block -> (why, when): it refused a goal it could not start, so it serves again only
-        # once a heartbeat sent after that says ready (its last one may predate what it knows)
+        # once a heartbeat received a full period after that says ready (one already on its
+        # way may predate what the block knows)
         self._held: Dict[str, Tuple[str, float]] = {}
         self._descriptions: Dict[str, BlockDescriptor] = {}   # as announced, by block name
         self._usable: Dict[str, bool] = {}                    # heartbeat ready + server reachable
@@ -333,7 +334,7 @@ class KernelNode(Node):
                                                        'heartbeat yet')
         held = self._held.get(desc.name)
         if held is not None:
-            if beat.ready and self._watch.seen_at(beat.node) > held[1] + 0.05:
+            if beat.ready and self._watch.seen_at(beat.node) > held[1] + beat.period_s:
                 del self._held[desc.name]
             else:
                 return False, f'the {desc.name} block is not ready: {held[0]}'
@@ -482,6 +483,7 @@ class KernelNode(Node):
             self._cancel(p.turn_id)
             self._finish_failed(p.turn_id, p.reason, p.charged)
         for r in out.expired:
+            self._requeued.discard(r.turn_id)
             log.warning(f'turn {r.turn_id} ({r.observation_id}) dropped: {r.reason}')
             self._response_pub.publish(self._rejected(r))
         for turn, reason in out.deferred:

@@ -5,8 +5,15 @@ executor thread, and answers come out in the order the turns came in (`concurren
 block description). The block follows its model manager by heartbeat and `models/status`:
 `loaded` in the description and `ready` in its own heartbeat say whether the model manager is
 alive, active, has a model loaded and its `generate` server is reachable. A generation whose
-model manager stops (killed, hung) or restarts fails at once with MODEL_UNAVAILABLE and the
-reason; a restarted model manager is used again as soon as it is ready.
+model manager stops (killed, hung) or restarts fails at once with the reason; a restarted model
+manager is used again as soon as it is ready.
+
+MODEL_UNAVAILABLE means only that the model manager could not take the turn: it is unreachable,
+gone (stopped, restarted), inactive or not ready (the kernel puts such a turn back in line
+once). Every other failure (a generation past `generate_timeout_s`, a model that failed to load
+or to generate, an unknown role, input the model manager refused) is FAILED with its message.
+A turn refused for not being ready, or lost with its model manager, makes the block check its
+readiness at once, so its next heartbeat says not ready.
 
 `temperature`, `roles.*`, `system_prompt`, `max_new_tokens`, `max_exchanges`, `length_hint`,
 `max_goals` and the two waits take effect when set at run time (`ros2 param set`); `router`
@@ -19,7 +26,7 @@ import threading
 from typing import Any, List, Optional, Sequence, Tuple
 
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.action import ActionClient, ActionServer, GoalResponse
+from rclpy.action import ActionServer, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
@@ -33,7 +40,8 @@ from ..core.conversation import DEFAULT_SYSTEM_PROMPT, ChatTurn, Conversation
 from ..core.language import LanguageBlock
 from ..core.models import Cancelled, GenerationResult, ModelError, StopFn, TextFn
 from ..core.routing import Complexity, RoleMap
-from .action_call import CallCancelled, CallError, Dependency, call_action
+from .action_call import (CallCancelled, CallError, Dependency, ServerGone, ServerUnavailable,
+                          ThreadSafeActionClient, call_action)
 from .common import LATCHED, ConfigError, declare, declare_router, run_node, stamp
 from .goal_queue import GoalQueue
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
@@ -46,6 +54,11 @@ RUNTIME_PARAMS = frozenset((*ROLE_PARAMS, 'system_prompt', 'max_exchanges', 'max
                             'generate_timeout_s'))
 
 
+class ModelUnavailable(ModelError):
+    """The model manager could not take the generation: unreachable, gone (stopped,
+    restarted) or inactive."""
+
+
 class ModelManagerClient:
     """`core.models.Generator` over the model manager's `generate` action; a generation whose
     model manager stops or restarts fails at once (`Dependency`)."""
@@ -53,8 +66,8 @@ class ModelManagerClient:
     def __init__(self, node: Node, manager: Dependency, server_wait_s: float, timeout_s: float,
                  stopping: threading.Event) -> None:
         self._node = node
-        self.client = ActionClient(node, Generate, names.MODEL_GENERATE,
-                                   callback_group=ReentrantCallbackGroup())
+        self.client = ThreadSafeActionClient(node, Generate, names.MODEL_GENERATE,
+                                             callback_group=ReentrantCallbackGroup())
         self.manager = manager
         self.server_wait_s = server_wait_s
         self.timeout_s = timeout_s
@@ -76,11 +89,15 @@ class ModelManagerClient:
                 gone=self.manager.guard(), abandon=self._stopping.is_set)
         except CallCancelled as exc:
             raise Cancelled(str(exc)) from None
-        except CallError as exc:
+        except (ServerUnavailable, ServerGone) as exc:
+            raise ModelUnavailable(str(exc)) from None
+        except CallError as exc:      # a timeout: the model manager took it but did not finish
             raise ModelError(str(exc)) from None
         res: Generate.Result = wrapped.result
         if res.error_code == res.CANCELLED:
             raise Cancelled('generation cancelled')
+        if res.error_code == res.INACTIVE:
+            raise ModelUnavailable(res.error_msg or 'model manager not active')
         if res.error_code != res.NONE:
             raise ModelError(res.error_msg or f'generation failed (code {res.error_code})')
         return GenerationResult(text=res.text, model_id=res.model, role=res.role,
@@ -322,6 +339,7 @@ class LanguageBlockNode(Node):
             self.get_logger().error(f'turn {goal.turn_id}: {why}')
             gh.abort()
             result.error_code, result.error_msg = result.MODEL_UNAVAILABLE, why
+            self._check_ready()    # the next heartbeat says not ready (the kernel waits for it)
             return result
         produced = [0]
 
@@ -353,7 +371,11 @@ class LanguageBlockNode(Node):
             except ModelError as exc:
                 self.get_logger().error(f'turn {goal.turn_id}: {exc}')
                 gh.abort()
-                result.error_code, result.error_msg = result.MODEL_UNAVAILABLE, str(exc)
+                unavailable = isinstance(exc, ModelUnavailable)
+                result.error_code = result.MODEL_UNAVAILABLE if unavailable else result.FAILED
+                result.error_msg = str(exc)
+                if unavailable:      # its model manager is gone: the next heartbeat says so
+                    self._check_ready()
                 return result
         g = answer.generation
         result.text, result.model, result.role = g.text, g.model_id, g.role

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from lifecycle_msgs.srv import ChangeState
@@ -323,9 +323,22 @@ class ModelManagerNode(LifecycleNode):
             self._publish_status()
             return error
         self._jobs = [j for j in self._jobs if not j.done()]
-        job_future = self._loader.submit(run)
+        try:
+            job_future = self._loader.submit(run)
+        except RuntimeError:   # the node is being destroyed: its loader takes no more jobs
+            stopped: 'Future[str]' = Future()
+            stopped.set_result('the model manager is stopping')
+            return stopped
         self._jobs.append(job_future)
         return job_future
+
+    @staticmethod
+    def _wait_job(job: 'Future[str]') -> str:
+        """A loader job's error in words; a job dropped by a shutdown says so."""
+        try:
+            return job.result()
+        except CancelledError:     # destroyed while the job still waited for the thread
+            return 'the model manager is stopping'
 
     def _on_load_progress(self, p: LoadProgress) -> None:
         for fn in list(self.load_listeners):
@@ -366,10 +379,10 @@ class ModelManagerNode(LifecycleNode):
         self._cancel = cancel = threading.Event()
         self._state_label = 'configuring'
         self._publish_status()
-        error = self._submit(lambda: self._load_default(pool, cancel)).result()
+        error = self._wait_job(self._submit(lambda: self._load_default(pool, cancel)))
         if error or not pool.loaded():
             self.pool = None
-            self._submit(pool.unload_all).result()
+            self._wait_job(self._submit(pool.unload_all))
             return self._configure_failed(error or 'no model loaded')
         self._state_label = 'inactive'
         self._publish_status()

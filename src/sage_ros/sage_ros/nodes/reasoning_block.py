@@ -14,7 +14,7 @@ import re
 import threading
 from typing import List, Optional, Tuple
 
-from rclpy.action import ActionClient, ActionServer, GoalResponse
+from rclpy.action import ActionServer, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
@@ -27,7 +27,8 @@ from ..core.params import param_docs
 from ..core.reasoning import (HaltReason, InvalidProblem, LanguageCancelled, LanguageFailed,
                               LanguageReply, LanguageRequest, ReasoningBlock, ReasoningEngine,
                               ReasoningParams, StepRecord, StopFn)
-from .action_call import CallCancelled, CallError, Dependency, call_action
+from .action_call import (CallCancelled, CallError, Dependency, ThreadSafeActionClient,
+                          call_action)
 from .common import LATCHED, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
@@ -43,8 +44,8 @@ class LanguageClient:
     def __init__(self, node: Node, language: Dependency, server_wait_s: float,
                  timeout_s: float, cancel_wait_s: float, stopping: threading.Event) -> None:
         self._node = node
-        self.client = ActionClient(node, Language, names.BLOCK_LANGUAGE,
-                                   callback_group=ReentrantCallbackGroup())
+        self.client = ThreadSafeActionClient(node, Language, names.BLOCK_LANGUAGE,
+                                             callback_group=ReentrantCallbackGroup())
         self.language = language
         self._server_wait_s = server_wait_s
         self._timeout_s = timeout_s

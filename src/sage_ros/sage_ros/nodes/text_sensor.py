@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from rclpy.node import Node
 from sage_interfaces.msg import TextObservation
@@ -74,7 +74,8 @@ class TextSensorNode(Node):
             lines: Iterator[str] = iter(path.read_text(errors='replace').splitlines())
             what = str(path)
         else:
-            lines = self._stdin_lines()
+            stdin = self._open_stdin()
+            lines = self._stdin_lines(*stdin) if stdin is not None else iter(())
             what = 'stdin'
         self.get_logger().info(f'reading lines from {what} -> {out} (source {self.sensor_id!r})')
         threading.Thread(target=self._pump, args=(lines, what), daemon=True,
@@ -99,20 +100,25 @@ class TextSensorNode(Node):
                 f'{self.resolve_topic_name(names.OBSERVATIONS_TEXT)} (sage_interfaces/'
                 f'TextObservation) or {self.resolve_topic_name(names.TEXT_IN)} (std_msgs/String)')
 
-    def _stdin_lines(self) -> Iterator[str]:
-        """Lines of stdin, read without blocking the node: `select` with a timeout, so the
-        reader notices `destroy_node`, and says once when nobody can type here."""
+    def _open_stdin(self) -> Optional[Tuple[int, bool]]:
+        """Stdin's file descriptor and whether it is a terminal; None (said once) when there is
+        none. Runs in `__init__`, on the main thread, where the signal handler can be set."""
         try:
             fd = sys.stdin.fileno() if sys.stdin is not None else -1
             os.fstat(fd)
         except (AttributeError, ValueError, OSError):
             self.get_logger().warning(f'no stdin to read (it is closed); {self._how_to_talk()}')
-            return
+            return None
         terminal = os.isatty(fd)
         if terminal and threading.current_thread() is threading.main_thread():
             # A background job reading its terminal would be stopped (SIGTTIN), heartbeat and
             # all; ignored, the read fails with EIO instead and the sensor waits.
             signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        return fd, terminal
+
+    def _stdin_lines(self, fd: int, terminal: bool) -> Iterator[str]:
+        """Lines of stdin (`fd`), read without blocking the node: `select` with a timeout, so
+        the reader notices `destroy_node`, and says once when nobody can type here."""
         decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
         buffered = ''
         quiet_since = time.monotonic()

@@ -9,7 +9,7 @@ import time
 from typing import Any, Callable, List
 
 import pytest
-from rclpy.action import ActionClient, ActionServer, CancelResponse
+from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
@@ -22,6 +22,7 @@ from sage_ros.cli.graph_runner import GraphError
 from sage_ros.nodes.common import LATCHED
 from sage_ros.core.embeddings import EmbeddingError
 from sage_ros.nodes import reasoning_block
+from sage_ros.nodes.action_call import CallCancelled, ThreadSafeActionClient, call_action
 from sage_ros.nodes.language_block import LanguageBlockNode
 from sage_ros.nodes.liveness import HeartbeatPublisher
 from sage_ros.nodes.reasoning_block import ReasoningBlockNode
@@ -291,3 +292,48 @@ def test_destroy_node_is_bounded_during_a_step(harness: Callable[..., Harness]) 
     node.destroy_node()            # the step is cancelled and not waited out
     assert time.monotonic() - t0 < 4.0
     recorder.release()
+
+
+def test_the_language_client_is_thread_safe(harness: Callable[..., Harness]) -> None:
+    h, _, _ = reasoning_harness(harness)
+    node = h.node(ReasoningBlockNode)
+    assert isinstance(node, ReasoningBlockNode)
+    assert isinstance(node._language.client, ThreadSafeActionClient)
+
+
+def test_a_goal_accepted_after_the_call_gave_up_is_cancelled(
+        harness: Callable[..., Harness]) -> None:
+    h = harness(())
+    asked, answer = threading.Event(), threading.Event()
+    cancelled = threading.Event()
+
+    def on_goal(_: Any) -> GoalResponse:
+        asked.set()
+        answer.wait(10.0)       # the goal request is answered only after the caller stopped
+        return GoalResponse.ACCEPT
+
+    def execute(gh: ServerGoalHandle) -> Language.Result:
+        deadline = time.monotonic() + 10.0
+        while not gh.is_cancel_requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if gh.is_cancel_requested:
+            cancelled.set()
+            gh.canceled()
+        else:
+            gh.abort()
+        return Language.Result(error_code=Language.Result.CANCELLED)
+
+    server_node = Node('late_server', context=h.context)
+    ActionServer(server_node, Language, 'late_language', execute_callback=execute,
+                 goal_callback=on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
+                 callback_group=ReentrantCallbackGroup())
+    h.executor.add_node(server_node)
+    client = ThreadSafeActionClient(h.probe, Language, 'late_language',
+                                    callback_group=ReentrantCallbackGroup())
+    with pytest.raises(CallCancelled, match='while the goal was being sent'):
+        call_action(client, Language.Goal(turn_id=1, text='late'), what='language block',
+                    server_wait_s=10.0, timeout_s=10.0, should_stop=asked.is_set)
+    answer.set()
+    wait_for(cancelled.is_set, 10.0, 'the late goal cancelled')
+    h.executor.remove_node(server_node)
+    server_node.destroy_node()
