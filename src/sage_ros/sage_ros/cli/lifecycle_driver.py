@@ -73,7 +73,6 @@ class LifecycleDriver:
         self._configure_timeout_s = configure_timeout_s
         self._targets: Dict[str, _Target] = {}
         self._lock = threading.Lock()
-        self.results: Dict[str, str] = {}   # fqn -> last outcome ('active', or why not)
 
     def drive(self, fqn: str) -> None:
         """Bring the (new instance of the) node `fqn` to active, in the background."""
@@ -213,5 +212,4 @@ class LifecycleDriver:
             self._finish(fqn, f'left in lifecycle state {state}')
 
     def _finish(self, fqn: str, outcome: str) -> None:
-        self.results[fqn] = outcome
         self._log(f'{fqn} {outcome}' if outcome == 'active' else f'{fqn}: {outcome}')

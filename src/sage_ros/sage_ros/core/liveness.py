@@ -89,7 +89,3 @@ class LivenessMonitor:
         """When the node's latest heartbeat arrived (-inf if it counts as gone)."""
         entry = self._latest.get(node)
         return entry[1] if entry is not None else float('-inf')
-
-    def silent_for(self, node: str, now: float) -> float:
-        entry = self._latest.get(node)
-        return now - entry[1] if entry is not None else float('inf')

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple
 
 from rclpy.action import CancelResponse
 from rclpy.action.server import ServerGoalHandle
@@ -190,6 +190,3 @@ class GoalQueue:
         if self._on_change is not None:
             self._on_change()
 
-    def waiting(self) -> List[ServerGoalHandle]:
-        with self._lock:
-            return list(self._queue)
