@@ -129,7 +129,7 @@ def test_a_node_that_keeps_dying_is_given_up(tmp_path: Path, tiny_models: Dict[s
     hook.mkdir()
     (hook / 'sitecustomize.py').write_text(
         'import os, sys\n'
-        "if 'sage_ros.nodes.model_manager' in sys.orig_argv:\n"
+        "if 'model_manager' in sys.orig_argv[:4]:\n"   # python -m sage_ros.nodes.launcher NODE
         '    os._exit(1)\n')
     env = {'PYTHONPATH': f'{hook}{os.pathsep}{os.environ.get("PYTHONPATH", "")}'}
     proc = start_up(params, domain, '--processes', '--respawn-delay', '0.2', '--max-restarts',
