@@ -34,6 +34,22 @@ def _key(gh: ServerGoalHandle) -> bytes:
     return bytes(gh.goal_id.uuid)
 
 
+def answer_dropped(gh: ServerGoalHandle, result: Any, reason: Optional[str],
+                   closed_code: int) -> Any:
+    """The answer to a goal taken out of the queue (a `DroppedFn` body): cancelled while it
+    waited (`reason` None), or closed with `reason` under the result's `closed_code`."""
+    if reason is None:
+        result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
+        if gh.is_cancel_requested:
+            gh.canceled()
+        else:   # the cancel was accepted but is not on the goal yet: end it anyway
+            gh.abort()
+    else:
+        result.error_code, result.error_msg = closed_code, reason or 'not answered'
+        gh.abort()
+    return result
+
+
 class GoalQueue:
     """FIFO of goals for one or more action servers; runs `concurrency` of them at a time."""
 

@@ -43,7 +43,7 @@ from ..core.routing import Complexity, RoleMap
 from .action_call import (CallCancelled, CallError, Dependency, ServerGone, ServerUnavailable,
                           ThreadSafeActionClient, call_action)
 from .common import LATCHED, ConfigError, declare, declare_router, run_node, stamp
-from .goal_queue import GoalQueue
+from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
 
 STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
@@ -309,17 +309,7 @@ class LanguageBlockNode(Node):
         return GoalResponse.ACCEPT
 
     def _dropped(self, gh: ServerGoalHandle, reason: Optional[str]) -> Language.Result:
-        result = Language.Result()
-        if reason is None:
-            result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
-            if gh.is_cancel_requested:
-                gh.canceled()
-            else:   # the cancel was accepted but is not on the goal yet: end it anyway
-                gh.abort()
-        else:
-            result.error_code, result.error_msg = result.FAILED, reason or 'not answered'
-            gh.abort()
-        return result
+        return answer_dropped(gh, Language.Result(), reason, Language.Result.FAILED)
 
     def _execute(self, gh: ServerGoalHandle) -> Language.Result:
         goal: Language.Goal = gh.request
@@ -412,18 +402,12 @@ class LanguageBlockNode(Node):
                                'forgotten)')
         return response
 
-    def _say_stopping(self) -> None:
-        """A last heartbeat, not ready: dependants react now, not after liveness_timeout_s."""
-        try:
-            self._heartbeat.publish()
-        except Exception:  # noqa: BLE001 - the context may be shut down already: nothing to say
-            pass
 
     def destroy_node(self) -> None:
         """Bounded (~3 s) even during a generation: the running call is cancelled and not
         waited out; waiting goals are answered."""
         self._stopping.set()
-        self._say_stopping()
+        self._heartbeat.publish_last()
         self.queue.close('the language block is shutting down')
         self.queue.drop_queued('the language block is shutting down')
         if not self.queue.wait_idle(STOP_WAIT_S):

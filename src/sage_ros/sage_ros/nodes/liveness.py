@@ -64,6 +64,14 @@ class HeartbeatPublisher:
         node.create_timer(self.period_s, self.publish,
                           callback_group=MutuallyExclusiveCallbackGroup(), clock=steady_clock())
 
+    def publish_last(self) -> None:
+        """A last heartbeat on the way out (its status says not ready), so dependants react now
+        rather than after liveness_timeout_s; nothing if the context is already shut down."""
+        try:
+            self.publish()
+        except Exception:  # noqa: BLE001 - the context may be gone: nothing to say
+            pass
+
     def publish(self) -> None:
         """Send a heartbeat now (also on every change of readiness, so it shows at once)."""
         ready, reason, active, queued = self._status()

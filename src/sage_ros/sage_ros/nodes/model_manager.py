@@ -49,7 +49,7 @@ from ..core.models import (DTYPE_BYTES, Cancelled, LoadError, LoadProgress,
 from ..core.store import StateStore, resolve_state_file
 from ..core.swap_policy import GIB, PolicyConfig, SwapPolicy
 from .common import LATCHED, ConfigError, declare, run_node, stamp
-from .goal_queue import GoalQueue
+from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher
 
 ENTRY_FIELDS = ('model_id', 'path', 'dtype', 'device', 'max_new_tokens', 'context_window',
@@ -491,17 +491,9 @@ class ModelManagerNode(LifecycleNode):
         """Answer a goal taken out of the queue: cancelled, or closed with `reason`."""
         result: Any = SwapModel.Result() if isinstance(gh.request, SwapModel.Goal) \
             else Generate.Result()
-        if reason is None:
-            result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
-            if gh.is_cancel_requested:
-                gh.canceled()
-            else:   # the cancel was accepted but is not on the goal yet: end it anyway
-                gh.abort()
-        else:
-            result.error_code = result.INACTIVE
-            result.error_msg = reason or 'model manager is not active'
-            gh.abort()
-        return result
+        if reason == '':
+            reason = 'model manager is not active'
+        return answer_dropped(gh, result, reason, result.INACTIVE)
 
     def _run_goal(self, gh: ServerGoalHandle, result: Any, what: str,
                   work: Callable[[ModelPool, Callable[[], bool]], None]) -> Any:
@@ -598,12 +590,6 @@ class ModelManagerNode(LifecycleNode):
             self.get_logger().info(f'swap to {goal.role!r} done in {result.duration_s:.1f} s')
         return self._run_goal(gh, result, 'swap', work)
 
-    def _say_stopping(self) -> None:
-        """A last heartbeat, not ready: dependants react now, not after liveness_timeout_s."""
-        try:
-            self._heartbeat.publish()
-        except Exception:  # noqa: BLE001 - the context may be shut down already: nothing to say
-            pass
 
     def destroy_node(self) -> None:
         """Bounded (~3 s) even during a generation or a load: running work is cancelled, never
@@ -613,7 +599,7 @@ class ModelManagerNode(LifecycleNode):
         self._loader.shutdown(wait=False, cancel_futures=True)
         self._active = False
         self._state_label = 'shutting down'
-        self._say_stopping()
+        self._heartbeat.publish_last()
         goals_done = self._close_goals('model manager shutting down', STOP_WAIT_S)
         for pool in [self.pool, *self._retiring]:
             if pool is not None:

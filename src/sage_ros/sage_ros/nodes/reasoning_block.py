@@ -30,7 +30,7 @@ from ..core.reasoning import (HaltReason, InvalidProblem, LanguageCancelled, Lan
 from .action_call import (CallCancelled, CallError, Dependency, ThreadSafeActionClient,
                           call_action)
 from .common import LATCHED, ConfigError, declare, run_node, stamp
-from .goal_queue import GoalQueue
+from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
 
 ACTION_TYPE = 'sage_interfaces/action/Reasoning'
@@ -210,17 +210,7 @@ class ReasoningBlockNode(Node):
         return GoalResponse.ACCEPT
 
     def _dropped(self, gh: ServerGoalHandle, reason: Optional[str]) -> Reasoning.Result:
-        result = Reasoning.Result()
-        if reason is None:
-            result.error_code, result.error_msg = result.CANCELLED, 'cancelled while waiting'
-            if gh.is_cancel_requested:
-                gh.canceled()
-            else:   # the cancel was accepted but is not on the goal yet: end it anyway
-                gh.abort()
-        else:
-            result.error_code, result.error_msg = result.FAILED, reason or 'not answered'
-            gh.abort()
-        return result
+        return answer_dropped(gh, Reasoning.Result(), reason, Reasoning.Result.FAILED)
 
     def _reason(self, gh: ServerGoalHandle) -> Reasoning.Result:
         goal: Reasoning.Goal = gh.request
@@ -280,18 +270,12 @@ class ReasoningBlockNode(Node):
         gh.succeed()
         return result
 
-    def _say_stopping(self) -> None:
-        """A last heartbeat, not ready: dependants react now, not after liveness_timeout_s."""
-        try:
-            self._heartbeat.publish()
-        except Exception:  # noqa: BLE001 - the context may be shut down already: nothing to say
-            pass
 
     def destroy_node(self) -> None:
         """Bounded (~3 s): the running goal's language step is cancelled, not waited out;
         waiting goals are answered."""
         self._stopping.set()
-        self._say_stopping()
+        self._heartbeat.publish_last()
         self.queue.close('the reasoning block is shutting down')
         self.queue.drop_queued('the reasoning block is shutting down')
         if not self.queue.wait_idle(STOP_WAIT_S):
