@@ -15,8 +15,10 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
 from sage_ros import graph, names
+from sage_ros.core.models import LoadProgress
 from sage_ros.cli.graph_runner import context_args, create_nodes
 from sage_ros.nodes.common import RELIABLE, executor_threads
+from sage_ros.nodes.model_manager import ModelManagerNode
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = 'condition') -> None:
@@ -79,3 +81,31 @@ def send_goal(client: ActionClient, goal: object, timeout: float = 60.0
         if len(feedback) != count:
             settled_at, count = time.monotonic(), len(feedback)
     return True, res.result().result, feedback
+
+
+class LoadGate:
+    """Holds a load of `role` at its first weight read until `open()`: a load as long as the
+    test wants, without a sleep in product code."""
+
+    def __init__(self, node: ModelManagerNode, role: str) -> None:
+        self.role = role
+        self.held = threading.Event()
+        self._open = threading.Event()
+        node.load_listeners.append(self)
+
+    def __call__(self, p: LoadProgress) -> None:
+        if p.role == self.role and p.stage == 'weights' and not self._open.is_set():
+            self.held.set()
+            self._open.wait(30.0)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def call(h: Harness, srv_type: Any, name: str, request: Any, timeout: float = 30.0) -> Any:
+    """A service call from the probe node, waited for."""
+    client = h.probe.create_client(srv_type, name)
+    assert client.wait_for_service(timeout_sec=10.0)
+    future = client.call_async(request)
+    wait_for(future.done, timeout, f'{name} answer')
+    return future.result()

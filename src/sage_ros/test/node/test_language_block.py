@@ -4,7 +4,6 @@ using it again when it is back, run-time parameters, and a bounded destroy."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -18,9 +17,8 @@ from rclpy.parameter import Parameter
 from sage_interfaces.action import Language
 from sage_interfaces.msg import BlockDescription, Heartbeat
 
-from node_harness import Harness, send_goal, wait_for
+from node_harness import Harness, LoadGate, call, send_goal, wait_for
 from sage_ros import graph, names
-from sage_ros.core.models import LoadProgress
 from sage_ros.nodes.common import LATCHED
 from sage_ros.nodes.language_block import LanguageBlockNode
 from sage_ros.nodes.liveness import HEARTBEAT_QOS, HeartbeatPublisher
@@ -29,24 +27,6 @@ from sage_ros.nodes.model_manager import ModelManagerNode
 GRAPH = (graph.LANGUAGE_BLOCK, graph.MODEL_MANAGER)
 # Follow the requested roles (no stand-in by the resident large model).
 NO_SUBSTITUTE = {'model_manager:policy.substitute': False}
-
-
-class LoadGate:
-    """Holds the model manager's load of `role` at its first weight read until `open()`."""
-
-    def __init__(self, node: ModelManagerNode, role: str) -> None:
-        self.role = role
-        self.held = threading.Event()
-        self._open = threading.Event()
-        node.load_listeners.append(self)
-
-    def __call__(self, p: LoadProgress) -> None:
-        if p.role == self.role and p.stage == 'weights' and not self._open.is_set():
-            self.held.set()
-            self._open.wait(30.0)
-
-    def open(self) -> None:
-        self._open.set()
 
 
 def nodes(h: Harness) -> Tuple[LanguageBlockNode, ModelManagerNode]:
@@ -84,14 +64,6 @@ def started(make: Callable[..., Harness], **overrides: object
     client = ActionClient(h.probe, Language, names.BLOCK_LANGUAGE)
     assert client.wait_for_server(timeout_sec=10.0)
     return h, lb, mm, client
-
-
-def call(h: Harness, srv_type: Any, name: str, request: Any) -> Any:
-    client = h.probe.create_client(srv_type, name)
-    assert client.wait_for_service(timeout_sec=10.0)
-    future = client.call_async(request)
-    wait_for(future.done, 30.0, f'{name} answer')
-    return future.result()
 
 
 def test_loaded_and_ready_follow_the_model_managers_lifecycle(

@@ -29,41 +29,13 @@ from sage_interfaces.msg import ChatMessage, Heartbeat, ModelStatus
 from conftest import params_for
 from sage_ros import graph, names
 from sage_ros.cli.graph_runner import context_args
-from sage_ros.core.models import LoadProgress
 from sage_ros.nodes.common import LATCHED, ConfigError
 from sage_ros.nodes.liveness import HEARTBEAT_QOS
 from sage_ros.nodes.model_manager import ModelManagerNode
-from node_harness import Harness, send_goal, wait_for
+from node_harness import Harness, LoadGate, call, send_goal, wait_for
 
 HELLO = [ChatMessage(role='user', content='hello')]
 MM = (graph.MODEL_MANAGER,)
-
-
-class LoadGate:
-    """Holds a load of `role` at its first weight read until `open()`: a load as long as the
-    test wants, without a sleep in product code."""
-
-    def __init__(self, node: ModelManagerNode, role: str) -> None:
-        self.role = role
-        self.held = threading.Event()
-        self._open = threading.Event()
-        node.load_listeners.append(self)
-
-    def __call__(self, p: LoadProgress) -> None:
-        if p.role == self.role and p.stage == 'weights' and not self._open.is_set():
-            self.held.set()
-            self._open.wait(30.0)
-
-    def open(self) -> None:
-        self._open.set()
-
-
-def call(h: Harness, srv_type: Any, name: str, request: Any, timeout: float = 10.0) -> Any:
-    client = h.probe.create_client(srv_type, name)
-    assert client.wait_for_service(timeout_sec=10.0)
-    future = client.call_async(request)
-    wait_for(future.done, timeout, f'{name} answer')
-    return future.result()
 
 
 def transition(h: Harness, transition_id: int) -> bool:
