@@ -82,9 +82,11 @@ def test_model_manager_configure_fails_clearly_on_a_missing_model(
 def test_text_in_to_response_through_kernel_language_block_and_model_manager(
         harness: Callable[..., Harness]) -> None:
     # The swap policy would let the resident large model answer the later simple turns; this
-    # test follows the requested roles, so it turns stand-ins off.
+    # test follows the requested roles, so it turns stand-ins off. The circadian clock is off:
+    # by day it lowers the focus threshold to below these turns' salience.
     h = harness((graph.KERNEL, graph.LANGUAGE_BLOCK, graph.MODEL_MANAGER),
-                **{'model_manager:policy.substitute': False})
+                **{'model_manager:policy.substitute': False,
+                   'kernel:metabolism.circadian_period_s': 0.0})
     responses = h.collect(Response, names.RESPONSE)
     salience = h.collect(Salience, names.SALIENCE)
     states = h.collect(KernelState, names.STATE, LATCHED)
