@@ -16,6 +16,7 @@ TEXT_SENSOR = 'text_sensor'
 LANGUAGE_BLOCK = 'language_block'
 MODEL_MANAGER = 'model_manager'   # a lifecycle node
 REASONING_BLOCK = 'reasoning_block'
+MEMORY_BLOCK = 'memory_block'
 
 # Topics
 TEXT_IN = 'text_in'                     # std_msgs/String, text observations (source 'text', ids by the kernel)
@@ -27,6 +28,7 @@ STATE = 'state'                         # sage_interfaces/KernelState, transient
 MODELS_STATUS = 'models/status'         # sage_interfaces/ModelStatus, transient-local
 BLOCKS_DESCRIPTION = 'blocks/description'  # sage_interfaces/BlockDescription, transient-local
 HEARTBEAT = 'heartbeat'                 # sage_interfaces/Heartbeat, every node, every heartbeat_period_s
+MEMORY_STATUS = 'memory/status'         # sage_interfaces/MemoryStatus, transient-local
 
 # Actions: one typed action per capability block, and the model manager's two.
 BLOCK_LANGUAGE = 'blocks/language'
@@ -38,6 +40,8 @@ MODEL_SWAP = 'model_manager/swap'
 
 # Services
 LANGUAGE_RESET = 'blocks/language/reset'
+SESSION_END = 'session/end'             # sage_interfaces/EndSession, served by the kernel
+KERNEL_SLEEP = 'kernel/sleep'           # sage_interfaces/Sleep: enter DREAM now, served by the kernel
 
 # The public contract, (kind, relative name, type), checked by the graph test.
 CONTRACT: Tuple[Tuple[str, str, str], ...] = (
@@ -50,6 +54,7 @@ CONTRACT: Tuple[Tuple[str, str, str], ...] = (
     ('topic', MODELS_STATUS, 'sage_interfaces/msg/ModelStatus'),
     ('topic', BLOCKS_DESCRIPTION, 'sage_interfaces/msg/BlockDescription'),
     ('topic', HEARTBEAT, 'sage_interfaces/msg/Heartbeat'),
+    ('topic', MEMORY_STATUS, 'sage_interfaces/msg/MemoryStatus'),
     ('action', BLOCK_LANGUAGE, 'sage_interfaces/action/Language'),
     ('action', BLOCK_PERCEPTION, 'sage_interfaces/action/Perception'),
     ('action', BLOCK_MEMORY, 'sage_interfaces/action/Memory'),
@@ -57,6 +62,8 @@ CONTRACT: Tuple[Tuple[str, str, str], ...] = (
     ('action', MODEL_GENERATE, 'sage_interfaces/action/Generate'),
     ('action', MODEL_SWAP, 'sage_interfaces/action/SwapModel'),
     ('service', LANGUAGE_RESET, 'sage_interfaces/srv/ResetConversation'),
+    ('service', SESSION_END, 'sage_interfaces/srv/EndSession'),
+    ('service', KERNEL_SLEEP, 'sage_interfaces/srv/Sleep'),
 )
 
 
