@@ -29,6 +29,7 @@ setup(
             'language_block = sage_ros.nodes.launcher:language_block',
             'model_manager = sage_ros.nodes.launcher:model_manager',
             'reasoning_block = sage_ros.nodes.launcher:reasoning_block',
+            'memory_block = sage_ros.nodes.launcher:memory_block',
         ],
     },
 )

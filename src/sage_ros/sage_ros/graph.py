@@ -45,6 +45,9 @@ MODEL_MANAGER = NodeSpec(names.MODEL_MANAGER, 'model_manager', 'sage_ros.nodes.m
                          'ModelManagerNode', lifecycle=True)
 REASONING_BLOCK = NodeSpec(names.REASONING_BLOCK, 'reasoning_block', 'sage_ros.nodes.reasoning_block',
                            'ReasoningBlockNode')
+# Cheap (SQLite and the embeddings the kernel loads anyway): in every profile.
+MEMORY_BLOCK = NodeSpec(names.MEMORY_BLOCK, 'memory_block', 'sage_ros.nodes.memory_block',
+                        'MemoryBlockNode')
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Profile:
     description: str
 
 
-_ALL = (TEXT_SENSOR, KERNEL, LANGUAGE_BLOCK, REASONING_BLOCK, MODEL_MANAGER)
+_ALL = (TEXT_SENSOR, KERNEL, LANGUAGE_BLOCK, REASONING_BLOCK, MEMORY_BLOCK, MODEL_MANAGER)
 # Sprout has one 0.5B model and 8 GB shared memory: decomposing through the same small model
 # gains little and the block's process costs memory, so the kernel answers in plain language.
 _WITHOUT_REASONING = tuple(s for s in _ALL if s is not REASONING_BLOCK)

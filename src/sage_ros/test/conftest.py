@@ -86,6 +86,7 @@ def params_for(models: Dict[str, Path], **overrides: object) -> dict:
     params['/**/kernel']['ros__parameters']['salience']['text_embedder'] = 'ngram'
     params['/**/kernel']['ros__parameters']['router'] = 'keyword'
     params['/**/language_block']['ros__parameters']['router'] = 'keyword'
+    params['/**/memory_block']['ros__parameters']['embedder'] = 'ngram'
     mm = params['/**/model_manager']['ros__parameters']
     for role, path in models.items():
         mm['models'][role].update(model_id=f'tiny-{role}', path=str(path), max_new_tokens=8,

@@ -6,6 +6,12 @@ chunks that carry those ids: two consoles on one graph, or a console beside a ro
 publishers, never take each other's answers. It waits for `KernelState.ready`, and when the
 kernel stops or restarts while a turn is out (its heartbeat), it sends the turn again to the
 kernel that comes back.
+
+It shows the session number and developmental phase at start. Lines starting with `/` are
+commands, never turns (`/help` lists them): /state, /sleep (kernel/sleep), /remember TEXT and
+/forget ID|TEXT (the memory block's `blocks/memory`), /sessions (the robot's database), /reset,
+and /quit, which ends the session (`session/end`, with a dream) and waits, bounded, for the
+memory block to consolidate it, showing its progress (`memory/status`). Ctrl-D is /quit.
 """
 
 from __future__ import annotations
@@ -18,19 +24,24 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import IO, Any, Dict, Iterator, List, Optional
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import rclpy
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sage_interfaces.msg import (KernelState, ModelStatus, Response, ResponseChunk, Salience,
-                                 TextObservation)
+from sage_interfaces.action import Memory
+from sage_interfaces.msg import (KernelState, MemoryItem, MemoryStatus, ModelStatus, Response,
+                                 ResponseChunk, Salience, TextObservation)
+from sage_interfaces.srv import EndSession, ResetConversation, Sleep
 
 from .. import graph, names
 from ..core.text import InvalidText, sanitize
 from ..graph import Profile
+from ..core.store import resolve_state_file
+from ..nodes.action_call import CallError, ThreadSafeActionClient, call_action
 from ..nodes.common import LATCHED, RELIABLE, destroy_nodes, executor_threads, init_context
 from ..nodes.liveness import LivenessWatch
 from .graph_runner import GraphError, check_params_file, context_args, create_nodes
@@ -39,6 +50,8 @@ CONSOLE_NODE = 'sage_console'
 CONSOLE_SOURCE = 'console'
 KERNEL_TIMEOUT_S = 2.0     # [s] the kernel's heartbeat silent this long: it stopped
 RESEND_S = 5.0             # [s] a turn sent again to a restarted kernel, not yet scored: again
+SERVICE_WAIT_S = 3.0       # [s] a command's service or action server not there by then: say so
+DREAM_START_S = 5.0        # [s] /quit: a dream the memory block has not begun by then: none comes
 # Answers of every console and sensor arrive here; as deep as the kernel's, so a burst is not lost.
 ANSWERS_IN = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST,
                         reliability=ReliabilityPolicy.RELIABLE,
@@ -72,6 +85,10 @@ class ConsoleNode(Node):
         self.create_subscription(ResponseChunk, names.RESPONSE_STREAM, self._on_chunk, RELIABLE)
         self.create_subscription(KernelState, names.STATE, self._on_state, LATCHED)
         self.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_models, LATCHED)
+        self.memory_status: Optional[MemoryStatus] = None
+        self.create_subscription(MemoryStatus, names.MEMORY_STATUS, self._on_memory_status,
+                                 LATCHED)
+        self.memory_client = ThreadSafeActionClient(self, Memory, names.BLOCK_MEMORY)
         self.watch = LivenessWatch(self, KERNEL_TIMEOUT_S)
 
     def mine(self, observation_id: str) -> bool:
@@ -105,6 +122,9 @@ class ConsoleNode(Node):
 
     def _on_models(self, msg: ModelStatus) -> None:
         self.models = msg
+
+    def _on_memory_status(self, msg: MemoryStatus) -> None:
+        self.memory_status = msg
 
     def _on_salience(self, msg: Salience) -> None:
         if not self.mine(msg.observation_id):
@@ -156,6 +176,8 @@ class Chat:
         self.embedded: List[Node] = []
         self._spin: Optional[threading.Thread] = None
         self._stopping = threading.Event()
+        self.state_file: Optional[Path] = None    # the kernel's database, from the parameters
+        self.dream_timeout_s = 120.0
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -165,6 +187,7 @@ class Chat:
         # `--params-file` goes on top of base.yaml and the profile's overlay.
         extra = [check_params_file(self.params_file)] if self.params_file else []
         files = graph.params_files(self.profile, extra)
+        self.state_file = kernel_state_file(files)
         # Without rclpy's signal handlers: Ctrl-C is a KeyboardInterrupt here, and `stop` then
         # destroys the nodes while the context still carries their last messages.
         init_context(context_args(self.namespace, files if self.mode != 'attach' else None,
@@ -192,6 +215,14 @@ class Chat:
             for n in self.embedded:
                 self.executor.add_node(n)
         self._wait_ready(ready_timeout_s)
+        self.say(self.session_line())
+
+    def session_line(self) -> str:
+        """'session 3 (phase: infant)', from the kernel's state."""
+        s = self.console.state if self.console is not None else None
+        if s is None or not s.session:
+            return 'session unknown (the kernel has not said)'
+        return f'session {s.session}' + (f' (phase: {s.phase})' if s.phase else '')
 
     def _spin_executor(self) -> None:
         assert self.executor is not None
@@ -363,14 +394,238 @@ def script_lines(path: str) -> Iterator[str]:
         raise GraphError(f'no such script file: {path}') from None
 
 
+def kernel_state_file(files: List[Path]) -> Optional[Path]:
+    """The kernel's `state_file` as the parameters files set it (the robot's database), None
+    for 'none'."""
+    value = ''
+    try:
+        params = graph.load_params(files)
+    except Exception:  # a broken file is reported by the graph itself; the default stays
+        params = {}
+    for key, section in params.items():
+        if str(key).rstrip('/').rsplit('/', 1)[-1] in (names.KERNEL, '*', '**') and isinstance(
+                section, dict):
+            found = (section.get('ros__parameters') or {}).get('state_file')
+            if isinstance(found, str):
+                value = found
+    return resolve_state_file(value)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+class Quit(Exception):
+    """/quit: the session has been ended (or could not be); the console exits."""
+
+
+HELP = """commands (never sent as turns):
+  /state            the kernel's state: session, phase, metabolic state, ATP, blocks
+  /sleep            enter DREAM now (the memory block consolidates while it dreams)
+  /remember TEXT    pin TEXT: it is considered for every answer, in every session
+  /forget ID|TEXT   forget memory ID (see /sessions, `sage memory list`), or what best matches TEXT
+  /sessions         the last sessions with their summaries
+  /reset            forget this conversation's history (memories stay)
+  /quit             end the session (summary, note, dream), then exit; Ctrl-D does the same
+  /help             this list"""
+
+
+def is_command(line: str) -> bool:
+    """'/word ...' is a command; '/' alone or '/ 3' is text."""
+    s = line.strip()
+    return len(s) > 1 and s[0] == '/' and s[1].isalpha()
+
+
+def run_command(chat: Chat, line: str) -> str:
+    """Run one command; returns what to show. Raises Quit for /quit and /exit."""
+    name, _, arg = line.strip().partition(' ')
+    arg = arg.strip()
+    name = name.lower()
+    handlers: Dict[str, Callable[[Chat, str], str]] = {
+        '/state': state_summary, '/sleep': sleep, '/remember': remember, '/forget': forget,
+        '/sessions': list_sessions, '/reset': lambda c, a: reset_conversation(c),
+        '/help': lambda c, a: HELP, '/quit': quit_session, '/exit': quit_session}
+    handler = handlers.get(name)
+    if handler is None:
+        return f'unknown command {name} (not sent); /help lists the commands'
+    return handler(chat, arg)
+
+
+def call_service(chat: Chat, srv_type: Any, name: str, request: Any, what: str,
+                 timeout_s: float = 10.0) -> Tuple[Any, str]:
+    """(response, '') or (None, why in words)."""
+    assert chat.console is not None
+    client = chat.console.create_client(srv_type, name)
+    try:
+        if not client.wait_for_service(timeout_sec=SERVICE_WAIT_S):
+            return None, f'{what} is not reachable ({name})'
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout_s
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not future.done():
+            return None, f'{what} did not answer within {timeout_s:.0f} s'
+        res = future.result()
+        return (res, '') if res is not None else (None, f'{what} sent no answer')
+    finally:
+        chat.console.destroy_client(client)
+
+
+def state_summary(chat: Chat, arg: str) -> str:
+    s = chat.console.state if chat.console is not None else None
+    if s is None:
+        return 'no kernel state yet'
+    since = f' (since {s.previous_state} -> {s.metabolic_state}: {s.transition_reason})' \
+        if s.previous_state else ''
+    lines = [chat.session_line(),
+             f'{s.metabolic_state}{since}',
+             f'ATP {s.atp_level:.0f}/{s.atp_capacity:.0f} ({s.atp_reserved:.0f} reserved); '
+             f'{s.active_dispatches} running; {s.observations_total} observations, '
+             f'{s.rejected_total} rejected',
+             ('ready' if s.ready else f'not ready: {s.ready_reason}') +
+             f'; blocks: {", ".join(s.blocks) or "none"}',
+             f'last decision: {s.last_decision}']
+    m = chat.console.memory_status if chat.console is not None else None
+    if m is not None:
+        dream = (f'dreaming ({m.dream_stage} {m.dream_progress:.0%})' if m.dreaming
+                 else f'last dream: {m.last_dream or "none yet"}')
+        lines.append(f'memory: {m.memories} memories ({m.pinned} pinned), '
+                     f'{m.unindexed_turns} turns to index; {dream}')
+    return '\n'.join(lines)
+
+
+def sleep(chat: Chat, arg: str) -> str:
+    res, why = call_service(chat, Sleep, names.KERNEL_SLEEP,
+                            Sleep.Request(reason=arg or 'asked from the console'), 'the kernel')
+    if res is None:
+        return f'not asleep: {why}'
+    return res.message
+
+
+def memory_goal(chat: Chat, goal: Memory.Goal) -> Tuple[Any, str]:
+    """(result, '') or (None, why): one goal to the memory block."""
+    assert chat.console is not None
+    try:
+        wrapped = call_action(chat.console.memory_client, goal, what='memory block',
+                              server_wait_s=SERVICE_WAIT_S, timeout_s=10.0)
+    except CallError as exc:
+        if 'not reachable' in str(exc):
+            return None, 'the memory block is not running'
+        return None, str(exc)
+    result = wrapped.result
+    if result.error_code != Memory.Result.NONE:
+        return None, result.error_msg or f'error {result.error_code}'
+    return result, ''
+
+
+def remember(chat: Chat, arg: str) -> str:
+    if not arg:
+        return 'usage: /remember TEXT'
+    result, why = memory_goal(chat, Memory.Goal(
+        operation=Memory.Goal.OP_STORE, text=arg, kind=MemoryItem.KIND_PINNED, pinned=True,
+        source=CONSOLE_SOURCE))
+    if result is None:
+        return f'not remembered: {why}'
+    stored = result.items[0] if result.items else None
+    return f'remembered (memory {stored.id}): {stored.text}' if stored else 'remembered'
+
+
+def forget(chat: Chat, arg: str) -> str:
+    if not arg:
+        return 'usage: /forget ID, or /forget TEXT (the memory that best matches it)'
+    goal = Memory.Goal(operation=Memory.Goal.OP_FORGET)
+    if arg.isdigit():
+        goal.memory_id = int(arg)
+    else:
+        goal.text = arg
+    result, why = memory_goal(chat, goal)
+    if result is None:
+        return f'nothing forgotten: {why}'
+    if not result.items:
+        return 'nothing forgotten: no memory matches'
+    return '\n'.join(f'forgot memory {m.id} ({m.kind}): {m.text}' for m in result.items)
+
+
+def list_sessions(chat: Chat, arg: str) -> str:
+    from . import memory
+    if chat.state_file is None:
+        return 'sessions are not kept (the kernel\'s state_file is none)'
+    try:
+        store = memory.open_store(memory.state_file(str(chat.state_file)))
+    except memory.MemoryCliError as exc:
+        return f'no sessions: {exc}'
+    try:
+        found = store.sessions(limit=5)
+    finally:
+        store.close()
+    return '\n'.join(line for s in found for line in memory.session_lines(s)) or 'no sessions yet'
+
+
+def quit_session(chat: Chat, arg: str) -> str:
+    """End the session (summary, note, dream), wait for the dream, bounded, then Quit."""
+    console = chat.console
+    assert console is not None
+    before = console.memory_status
+    res, why = call_service(chat, EndSession, names.SESSION_END,
+                            EndSession.Request(reason=arg or 'user quit (console)', dream=True),
+                            'the kernel', timeout_s=120.0)
+    if res is None or not res.success:
+        chat.say(f'session not ended: {why or res.message}')
+        raise Quit()
+    chat.say(res.message)
+    if 'dreaming' in res.message and before is not None:
+        wait_for_dream(chat, before.dreams_total)
+    raise Quit()
+
+
+def wait_for_dream(chat: Chat, dreams_before: int) -> None:
+    """Until the memory block has finished the dream it began (memory/status), at most
+    `dream_timeout_s`, showing each stage as it goes."""
+    console = chat.console
+    assert console is not None
+    start = time.monotonic()
+    shown = ''
+    began = False
+    while True:
+        m = console.memory_status
+        done = m is not None and m.dreams_total > dreams_before and not m.dreaming
+        if m is not None and m.dreaming:
+            began = True
+            line = f'dreaming: {m.dream_stage or "consolidating"} {m.dream_progress:.0%}'
+            if line != shown:
+                chat.say(line)
+                shown = line
+        if done:
+            chat.say(f'dream done: {m.last_dream}' if m is not None and m.last_dream
+                     else 'dream done')
+            return
+        waited = time.monotonic() - start
+        if not began and waited > DREAM_START_S:
+            chat.say('no dream began (the memory block did not start one)')
+            return
+        if waited > chat.dream_timeout_s:
+            chat.say(f'the dream goes on after {chat.dream_timeout_s:.0f} s; what it did so far '
+                     'is kept, and an unfinished dream resumes at the next start')
+            return
+        time.sleep(0.1)
+
+
 def run_script(chat: Chat, path: str, as_json_lines: bool, timeout_s: float) -> int:
-    """Each non-empty line is a turn, sent as soon as it is read and the previous one is
-    answered; 1 if any turn was not answered."""
+    """Each non-empty line is a turn (or a /command), sent as soon as it is read and the
+    previous one is answered; 1 if any turn was not answered."""
     failed = sent = 0
     for line in script_lines(path):
         if not line.strip():
             continue
         sent += 1
+        if is_command(line):
+            try:
+                shown = run_command(chat, line)
+            except Quit:
+                break
+            if as_json_lines:
+                print(json.dumps({'command': line.strip(), 'output': shown}, ensure_ascii=False),
+                      file=chat.out, flush=True)
+            else:
+                print(f'you> {line}\n{shown}', file=chat.out, flush=True)
+            continue
         try:
             sanitize(line)
         except InvalidText as exc:
@@ -393,17 +648,19 @@ def run_script(chat: Chat, path: str, as_json_lines: bool, timeout_s: float) -> 
 
 
 def run_interactive(chat: Chat, timeout_s: float) -> int:
-    chat.say('Type a message and press Enter; /reset forgets the conversation, Ctrl-D or /quit ends.')
+    chat.say('Type a message and press Enter; /help lists the commands, /quit or Ctrl-D ends '
+             'the session.')
     while True:
         try:
             line = input('you> ')
         except EOFError:
             print(file=chat.out)
-            return 0
-        if line.strip() in ('/quit', '/exit'):
-            return 0
-        if line.strip() == '/reset':
-            chat.say(reset_conversation(chat))
+            line = '/quit'
+        if is_command(line):
+            try:
+                chat.say(run_command(chat, line))
+            except Quit:
+                return 0
             continue
         try:
             sanitize(line)
@@ -425,18 +682,8 @@ def run_interactive(chat: Chat, timeout_s: float) -> int:
 
 
 def reset_conversation(chat: Chat) -> str:
-    from sage_interfaces.srv import ResetConversation
-    assert chat.console is not None
-    client = chat.console.create_client(ResetConversation, names.LANGUAGE_RESET)
-    try:
-        if not client.wait_for_service(timeout_sec=5.0):
-            return 'reset failed: the language block is not reachable'
-        future = client.call_async(ResetConversation.Request())
-        deadline = time.monotonic() + 5.0
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        res = future.result()
-        return (f'conversation reset ({res.turns_forgotten} exchanges forgotten)' if res
-                else 'reset failed: no answer')
-    finally:
-        chat.console.destroy_client(client)
+    res, why = call_service(chat, ResetConversation, names.LANGUAGE_RESET,
+                            ResetConversation.Request(), 'the language block', timeout_s=5.0)
+    if res is None:
+        return f'reset failed: {why}'
+    return f'conversation reset ({res.turns_forgotten} exchanges forgotten)'

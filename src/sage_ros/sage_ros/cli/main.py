@@ -4,6 +4,8 @@
   sage up [--profile P] [--processes]  run a profile's graph without `ros2 launch`
   sage models prepare|list             prepare the offline models
   sage route [--heuristic] [PROMPT...]  complexity and model role per prompt, without generating
+  sage memory search|list|forget       the robot's memories, from its database
+  sage sessions [--json]               its sessions, with their summaries and notes
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                       help='how long to wait for the graph to be ready (default: 600 s)')
     chat.add_argument('--turn-timeout', type=float, default=600.0, metavar='S',
                       help='how long to wait for one answer (default: 600 s)')
+    chat.add_argument('--dream-timeout', type=float, default=120.0, metavar='S',
+                      help='/quit waits this long at most for the dream that consolidates the '
+                      'session (default: 120 s)')
     chat.add_argument('-v', '--verbose', action='store_true',
                       help="show the embedded graph's log")
 
@@ -95,7 +100,65 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument('--explain', action='store_true',
                        help='add the router\'s components: neighbour vote, centroid similarity, '
                        'features and the nearest labelled prompts')
+    def state_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument('--state-file', metavar='DB',
+                        help="the robot's database (default: $SAGE_STATE_DIR/sage.db, else "
+                        '$XDG_STATE_HOME/sage_ros/sage.db); the kernel\'s state_file')
+
+    memory = sub.add_parser('memory', help="search, list or forget the robot's memories",
+                            description=(
+        "Search, list or forget the robot's memories. Reads its database directly, so it works "
+        'with or without a running graph.'))
+    msub = memory.add_subparsers(dest='memory_command', required=True, metavar='ACTION')
+    search = msub.add_parser('search', help='the memories that best match TEXT', description=(
+        'The memories that best match TEXT, best first, by the recall score the memory block '
+        'uses (MiniLM similarity weighted by recency, salience and importance).'))
+    search.add_argument('text', nargs='+', metavar='TEXT', help='what to look for')
+    search.add_argument('--k', type=int, default=5, metavar='K',
+                        help='how many hits (default: 5)')
+    search.add_argument('--json', action='store_true',
+                        help='one JSON object per hit: score, similarity, id, kind, text, '
+                        'session, source, person, created, mentions, pinned')
+    state_arg(search)
+    listing = msub.add_parser('list', help='the newest memories', description=(
+        'The newest memories first (superseded and forgotten ones left out).'))
+    listing.add_argument('--kind', choices=('episode', 'fact', 'pinned', 'note', 'summary'),
+                         help='only memories of this kind')
+    listing.add_argument('--limit', type=int, default=50, metavar='N',
+                         help='at most N memories (default: 50)')
+    listing.add_argument('--json', action='store_true', help='one JSON object per memory')
+    state_arg(listing)
+    forget = msub.add_parser('forget', help='forget one memory by its id', description=(
+        'Forget a memory: it is never recalled, listed or searched again. IDs are the numbers '
+        '`sage memory list` and `search` show.'))
+    forget.add_argument('id', metavar='ID', help='the memory id')
+    state_arg(forget)
+
+    sessions = sub.add_parser('sessions', help='the robot\'s sessions with their summaries',
+                              description=(
+        'Sessions, newest first: when, how many turns, how each ended, whether it was dreamed '
+        '(consolidated), its summary and its "remember next time" note.'))
+    sessions.add_argument('--limit', type=int, default=20, metavar='N',
+                          help='at most N sessions (default: 20)')
+    sessions.add_argument('--json', action='store_true', help='one JSON object per session')
+    state_arg(sessions)
     return p
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from . import memory
+    path = memory.state_file(args.state_file)
+    if args.memory_command == 'search':
+        return memory.search(path, ' '.join(args.text), args.k, args.json, sys.stdout)
+    if args.memory_command == 'list':
+        return memory.list_memories(path, args.kind, args.limit, args.json, sys.stdout)
+    return memory.forget(path, args.id, sys.stdout)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    from . import memory
+    return memory.sessions(memory.state_file(args.state_file), args.limit, args.json,
+                           sys.stdout)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -146,8 +209,11 @@ def _chat(args: argparse.Namespace) -> int:
         raise GraphError('--json needs --script FILE')
     if args.script and args.script != '-' and not os.path.isfile(args.script):
         raise GraphError(f'no such script file: {args.script}')  # before starting anything
+    if args.dream_timeout < 0:
+        raise GraphError('--dream-timeout must be >= 0')
     chat = Chat(PROFILES[args.profile], args.namespace, args.params_file, args.mode,
                 args.verbose)
+    chat.dream_timeout_s = args.dream_timeout
     try:
         chat.start(args.discovery_timeout, args.ready_timeout)
         if args.script:
@@ -192,11 +258,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..core.offline_models import PrepareError
     from ..nodes.common import ConfigError
     from .graph_runner import GraphError
+    from .memory import MemoryCliError
     from .route import RouteError
     try:
-        return {'chat': _chat, 'up': _up, 'models': _models,
-                'route': _route}[args.command](args)
-    except (GraphError, PrepareError, ConfigError, RouteError) as exc:
+        return {'chat': _chat, 'up': _up, 'models': _models, 'route': _route,
+                'memory': _memory, 'sessions': _sessions}[args.command](args)
+    except (GraphError, PrepareError, ConfigError, RouteError, MemoryCliError) as exc:
         print(f'sage: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,11 @@ whichever model serves the turn, with that model's own tokenizer, right before g
 system preamble and the latest exchanges stay verbatim; older exchanges become a short summary
 (by a small model when one is resident, else extractive) followed by the named facts they
 contained (names, numbers, places), copied verbatim so no summariser can lose them.
+
+What the memory block recalled for the turn (an awakening preamble and memories, best first)
+goes into the system message too, as one block bounded to a share of the window: the lowest
+ranked memories are dropped first, then the preamble, so recall never crowds out the
+conversation by more than that share.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from .conversation import ChatTurn
@@ -22,6 +27,8 @@ SummarizeFn = Callable[[Sequence[ChatTurn]], str]   # older turns -> a short sum
 
 SUMMARY_HEADER = 'Earlier in this conversation:'
 FACTS_HEADER = 'Facts stated earlier (verbatim):'
+MEMORY_HEADER = 'What you remember that may be relevant (most relevant first):'
+DEFAULT_MEMORY_SHARE = 0.25   # of the room left after the answer's reserve
 
 
 class ContextOverflow(ValueError):
@@ -35,6 +42,9 @@ class FittedContext:
     compressed_messages: int         # older messages replaced by the summary (0 = sent verbatim)
     summary: str                     # the summary block added to the system message ('' if none)
     facts: Tuple[str, ...]           # named facts kept verbatim from the compressed messages
+    memory_used: int = 0             # recalled memories given to the model (a prefix, best first)
+    preamble_used: bool = False      # the awakening preamble fitted and was given
+    memory_block: str = ''           # the preamble + memories block of the system message
 
 
 # Numbers with optional decimals and a unit or suffix ("214", "3.5 kg", "7pm", "20%").
@@ -157,9 +167,93 @@ def _block(summary: str, facts: Sequence[str]) -> str:
     return '\n'.join(parts)
 
 
+def memory_block(preamble: str, memory: Sequence[str]) -> str:
+    """The text added to the system message for a preamble and recalled memories."""
+    parts = [preamble.strip()] if preamble.strip() else []
+    lines = [f'- {m.strip()}' for m in memory if m.strip()]
+    if lines:
+        parts.append('\n'.join([MEMORY_HEADER, *lines]))
+    return '\n\n'.join(parts)
+
+
+def fit_memory(system: Optional[ChatTurn], preamble: str, memory: Sequence[str],
+               count_tokens: CountFn, budget_tokens: int) -> Tuple[str, int, bool]:
+    """(block, memories used, preamble used): the preamble if it fits `budget_tokens` alone,
+    then the longest prefix of `memory` (best first) that fits beside it. Measured as what the
+    block adds to the system message, with the model's own tokenizer."""
+    memory = [m for m in memory if m.strip()]
+    if budget_tokens <= 0 or (not preamble.strip() and not memory):
+        return '', 0, False
+    base = system.content if system else ''
+    base_tokens = count_tokens([ChatTurn('system', base)])
+
+    def cost(block: str) -> int:
+        content = f'{base}\n\n{block}' if base else block
+        return count_tokens([ChatTurn('system', content)]) - base_tokens
+
+    use_preamble = bool(preamble.strip()) and cost(memory_block(preamble, ())) <= budget_tokens
+    kept_preamble = preamble if use_preamble else ''
+    # Costs grow with the prefix: find the longest prefix that fits by bisection.
+    lo, hi = 0, len(memory)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(memory_block(kept_preamble, memory[:mid])) <= budget_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return memory_block(kept_preamble, memory[:lo]), lo, use_preamble
+
+
 def fit_to_window(messages: Sequence[ChatTurn], count_tokens: CountFn, window: int,
                   reserve_tokens: int, summarize: Optional[SummarizeFn] = None,
-                  cache: Optional[SummaryCache] = None) -> FittedContext:
+                  cache: Optional[SummaryCache] = None, preamble: str = '',
+                  memory: Sequence[str] = (),
+                  memory_share: float = DEFAULT_MEMORY_SHARE) -> FittedContext:
+    """`messages` fitted to `window - reserve_tokens` (see `_fit_history`), with the preamble
+    and recalled `memory` (best first) added to the system message as one block of at most
+    `memory_share` of that room.
+
+    Within its share the block takes precedence over verbatim old history (which is then
+    summarised, its facts kept); what does not fit the share is dropped, lowest-ranked memory
+    first, then the preamble. If the system prompt, the block and the newest message together
+    do not fit, the block shrinks until they do (to nothing: then as without memory). The
+    system prompt and the newest message always stay.
+    """
+    if not messages:
+        raise ValueError('no messages to fit')
+    if not preamble.strip() and not any(m.strip() for m in memory):
+        return _fit_history(messages, count_tokens, window, reserve_tokens, summarize, cache)
+    limit = window - max(0, reserve_tokens)
+    share = min(max(memory_share, 0.0), 1.0)
+    system = messages[0] if messages[0].role == 'system' else None
+    body = list(messages[1:] if system else messages)
+    block, used, with_preamble = fit_memory(system, preamble, memory, count_tokens,
+                                            int(share * limit))
+    while True:
+        if block:
+            content = f'{system.content}\n\n{block}' if system and system.content else block
+            candidate = [ChatTurn('system', content), *body]
+        else:
+            candidate = list(messages)
+        try:
+            fitted = _fit_history(candidate, count_tokens, window, reserve_tokens, summarize,
+                                  cache)
+        except ContextOverflow:
+            if not block:
+                raise
+            # The newest message is long: give the block less room, to nothing at worst.
+            memory = list(memory)[:max(0, used - 1)] if used else []
+            preamble = preamble if used else ''
+            block, used, with_preamble = fit_memory(system, preamble, memory, count_tokens,
+                                                    int(share * limit))
+            continue
+        return replace(fitted, memory_used=used, preamble_used=with_preamble,
+                       memory_block=block)
+
+
+def _fit_history(messages: Sequence[ChatTurn], count_tokens: CountFn, window: int,
+                 reserve_tokens: int, summarize: Optional[SummarizeFn] = None,
+                 cache: Optional[SummaryCache] = None) -> FittedContext:
     """The longest verbatim tail of `messages` that fits `window - reserve_tokens`, with the
     older part summarised into the system message.
 

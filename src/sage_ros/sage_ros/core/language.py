@@ -1,4 +1,9 @@
-"""The language block: keeps the conversation and answers turns through a model role."""
+"""The language block: keeps the conversation and answers turns through a model role.
+
+Before a turn that belongs to the conversation it asks memory (`recall`) what is relevant and
+hands the awakening preamble and the recalled lines to the generator, which fits them into the
+model's window (`core.context.fit_to_window`).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,51 @@ from .routing import Complexity, RoleMap, estimate_complexity
 
 
 @dataclass(frozen=True)
+class Recalled:
+    """What memory gave for a turn: the awakening preamble and memory lines, best first."""
+    preamble: str = ''
+    memory: Tuple[str, ...] = ()
+
+
+RecallFn = Callable[[str], Recalled]   # the turn's text -> what memory has for it; never raises
+
+# How a recalled memory of each kind reads to the model (MemoryItem.KIND_* values).
+_KIND_LINES = {
+    'pinned': 'You were asked to remember: {text}',
+    'fact': 'Known: {text}',
+    'note': 'A note from an earlier session: {text}',
+    'summary': 'An earlier session: {text}',
+}
+MAX_MEMORY_CHARS = 400   # one recalled memory is cut to this many characters
+
+
+def memory_line(kind: str, text: str, session: int = 0) -> str:
+    """One recalled memory as the model reads it: an episode is what the user said earlier
+    (with its session when known), a pinned memory something to remember."""
+    text = ' '.join(text.split())
+    if len(text) > MAX_MEMORY_CHARS:
+        text = text[:MAX_MEMORY_CHARS].rsplit(' ', 1)[0] + ' ...'
+    template = _KIND_LINES.get(kind)
+    if template is not None:
+        return template.format(text=text)
+    when = f'In session {session}' if session > 0 else 'Earlier'
+    return f'{when} the user said: "{text}"'
+
+
+def _no_recall(text: str) -> Recalled:
+    return Recalled()
+
+
+@dataclass(frozen=True)
 class LanguageAnswer:
     generation: GenerationResult
     complexity: Complexity
+    recalled: Recalled = Recalled()
+
+    @property
+    def memory_used(self) -> int:
+        """Recalled memories the model was given (those that fitted its window)."""
+        return self.generation.memory_used
 
 
 class LanguageBlock(CapabilityBlock):
@@ -32,8 +79,9 @@ class LanguageBlock(CapabilityBlock):
                  roles: Optional[RoleMap] = None, max_new_tokens: int = 0,
                  temperature: float = 0.0,
                  classify: Callable[[str], Complexity] = estimate_complexity,
-                 length_hint: bool = False) -> None:
+                 length_hint: bool = False, recall: RecallFn = _no_recall) -> None:
         self.generator = generator
+        self.recall = recall   # asked before each turn that is not ephemeral
         self.classify = classify
         self.conversation = conversation or Conversation()
         self.roles = roles or RoleMap()
@@ -66,16 +114,19 @@ class LanguageBlock(CapabilityBlock):
         """Answer `text`. The exchange is recorded only if the generation succeeded and the turn
         is not `ephemeral`; `context` is shown to the model for this turn only. The answer is
         capped by the turn's `max_new_tokens` (an ATP grant) and the block's, whichever is
-        lower; with `length_hint` the model is told that cap when the turn sets one."""
+        lower; with `length_hint` the model is told that cap when the turn sets one. A turn
+        that is not ephemeral first asks `recall` for the preamble and relevant memories."""
         complexity = complexity or self.classify(text)
         role = self.roles.role_for(complexity)
         cap = min((n for n in (max_new_tokens, self.max_new_tokens) if n > 0), default=0)
         note = length_hint_text(cap) if self.length_hint and max_new_tokens > 0 else ''
+        recalled = Recalled() if ephemeral else self.recall(text)
         result = self.generator.generate(
             role, self.conversation.messages_for(text, context, note),
             max_new_tokens=cap,
             temperature=self.temperature, on_text=on_text, should_stop=should_stop,
-            complexity=complexity.value)
+            complexity=complexity.value, preamble=recalled.preamble,
+            memory=recalled.memory)
         if not ephemeral:
             self.conversation.record(text, result.text)
-        return LanguageAnswer(result, complexity)
+        return LanguageAnswer(result, complexity, recalled)

@@ -49,7 +49,8 @@ class MetabolicState(str, enum.Enum):
     WAKE = 'WAKE'      # normal operation
     FOCUS = 'FOCUS'    # a salient target holds attention
     REST = 'REST'      # recovering energy; low-salience input waits
-    DREAM = 'DREAM'    # offline consolidation; input waits unless salient enough to wake
+    DREAM = 'DREAM'    # offline consolidation; input waits unless salient enough to wake (people
+                       # are still answered, one at a time: StatePolicy.person_targets)
     CRISIS = 'CRISIS'  # energy critical or repeated failures: only the most salient target
 
     @classmethod
@@ -87,6 +88,10 @@ class StatePolicy:
     consolidation: bool = tunable(False, 'Whether memory consolidation may run')
     preempt: bool = tunable(
         False, 'Whether a more salient target may cancel a running lower-salience goal')
+    person_targets: int = tunable(
+        0, "Goals from people (the kernel's people sources) served at once in this state even "
+        'when max_targets, min_salience or min_period_s would make them wait, without leaving '
+        'the state (0: people follow the state\'s rules)', 0, 64, unit='goals')
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -111,7 +116,10 @@ DEFAULT_POLICIES: Dict[MetabolicState, StatePolicy] = {
                                       ('standard', 'elevated', 'dangerous'), False, True),
     MetabolicState.REST: StatePolicy(1, 0.5, 1.0, 1.0, 0.2, (ALL_SENSORS,), ('standard',),
                                      False, False),
-    MetabolicState.DREAM: StatePolicy(0, 1.0, 10.0, 1.0, 0.1, (ALL_SENSORS,), (), True, False),
+    # DREAM serves no goal, but a person is still answered, one at a time (DREAM lowers
+    # attention, it does not drop people); something salient ends the dream as before.
+    MetabolicState.DREAM: StatePolicy(0, 1.0, 10.0, 1.0, 0.1, (ALL_SENSORS,), (), True, False,
+                                      1),
     MetabolicState.CRISIS: StatePolicy(1, 0.0, 0.2, 1.0, 0.95, (ALL_SENSORS,), ('standard',),
                                        False, True),
 }
@@ -309,6 +317,34 @@ class MetabolicController:
         self.last_busy = inp.now      # idle time is counted per state
         self.history.append(t)
         return t
+
+    def enter_dream(self, inp: MetabolicInputs, reason: str) -> Tuple[Optional[Transition], str]:
+        """Enter DREAM now, asked for (`kernel/sleep`, a session's end): (transition, '') or
+        (None, why not). The dwell is not waited for (someone asked), but every rule that would
+        end the dream at once refuses it instead, so a forced dream is one the table keeps: not
+        in CRISIS, not with ATP below `dream_min_atp`, not while something salient enough to
+        wake it is waiting or running. Already dreaming: (None, '') and the dream goes on."""
+        p = self.params
+        a = inp.atp_fraction if math.isfinite(inp.atp_fraction) else 0.0
+        s = inp.salience if math.isfinite(inp.salience) else 0.0
+        if self.state is MetabolicState.DREAM:
+            return None, ''
+        if self.state is MetabolicState.CRISIS:
+            return None, f'in CRISIS ({self.reason}): it must recover first'
+        if a < p.crisis_enter or inp.crisis:
+            return None, 'a crisis is due: ' + (inp.crisis or f'ATP {_pct(a)}')
+        if a < p.dream_min_atp:
+            return None, (f'ATP {_pct(a)} is below the {_pct(p.dream_min_atp)} needed to dream; '
+                          'REST recharges first')
+        if s >= p.dream_wake_salience:
+            return None, (f'something salient ({s:.2f} >= {p.dream_wake_salience:.2f}) is waiting '
+                          'or being answered: it would end the dream at once')
+        t = Transition(self.state, MetabolicState.DREAM, reason or 'asked to sleep', inp.now)
+        self.previous, self.state, self.reason = self.state, t.target, t.reason
+        self.entered_at = inp.now
+        self.last_busy = inp.now
+        self.history.append(t)
+        return t, ''
 
     def _next(self, inp: MetabolicInputs) -> Optional[Tuple[MetabolicState, str]]:
         p = self.params

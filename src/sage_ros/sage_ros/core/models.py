@@ -25,10 +25,10 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optiona
                     Sequence, Tuple)
 
 from .answers import cut_to_sentence
-from .context import (ContextOverflow, FittedContext, SummaryCache, fit_to_window,
-                      summary_request)
+from .context import (DEFAULT_MEMORY_SHARE, ContextOverflow, FittedContext, SummaryCache,
+                      fit_to_window, summary_request)
 from .conversation import ChatTurn
-from .loading import PRETRAINED_LOAD_LOCK
+from .loading import PRETRAINED_LOAD_LOCK, from_transformers
 from .store import StateStore
 from .swap_policy import (Action, Decision, MemoryState, ResidentInfo, RoleInfo, SwapPolicy,
                           plan_memory)
@@ -103,6 +103,8 @@ class ModelSpec:
     keep_resident: bool = False  # may stay resident next to other keep_resident models
     priority: int = 0            # capability rank: higher = more capable (a stand-in for lower)
     fallback: Tuple[str, ...] = ()  # roles tried in order when this one cannot be used
+    adapter: str = ''            # LoRA merged after load: '' = none, 'latest' = the current
+                                 # sleep-trained adapter of this model (if any), or a directory
 
     def __post_init__(self) -> None:
         if not self.role or not self.path:
@@ -120,7 +122,8 @@ class ModelSpec:
     @property
     def key(self) -> str:
         """Identity of the weights in memory: a change of any part means a reload."""
-        return f'{resolve_model_path(self.path)}|{self.dtype}|{self.device}'
+        key = f'{resolve_model_path(self.path)}|{self.dtype}|{self.device}'
+        return f'{key}|{self.adapter.strip()}' if self.adapter.strip() else key
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ class LoadedModel:
     loaded_mono: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     uses: int = 0              # generations served
+    adapter: str = ''          # directory of the LoRA adapter merged into the weights ('' = none)
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,7 @@ class GenerationResult:
     context: Optional[FittedContext] = None  # what the model received, fitted to its window
     truncated: bool = False    # stopped at max_new_tokens without its end: `text` was cut back
                                # to its last sentence end (a prefix of what streamed)
+    memory_used: int = 0       # recalled memories that fitted the window and were given
 
 
 class Generator(Protocol):
@@ -341,7 +346,8 @@ class Generator(Protocol):
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
                  should_stop: Optional[StopFn] = None,
-                 complexity: Optional[str] = None) -> GenerationResult: ...
+                 complexity: Optional[str] = None, preamble: str = '',
+                 memory: Sequence[str] = ()) -> GenerationResult: ...
 
 
 @dataclass(frozen=True)
@@ -494,6 +500,7 @@ class ModelPool:
         self.retry_failed_s = retry_failed_s
         self.store = store
         self.summary_tokens = summary_tokens   # 0 = extractive summaries only
+        self.memory_share = DEFAULT_MEMORY_SHARE   # of the window for preamble + memories
         self._summaries = SummaryCache()
         self._loaded: Dict[str, LoadedModel] = {}   # insertion order = least recently used first
         self._lock = threading.RLock()
@@ -506,6 +513,9 @@ class ModelPool:
         self._measured: Dict[str, int] = {}  # spec key -> measured memory bytes
         self.listeners: List[Callable[[], None]] = []  # called after any change of state
         self.progress_listeners: List[ProgressFn] = []  # called at every step of every load
+        # Called with (level 'info' | 'warning', text) for what a load did that the log should
+        # say: an adapter applied, or not applied and why (the base model serves then).
+        self.note_listeners: List[Callable[[str, str], None]] = []
         # One long-lived thread runs every generation while the caller streams the text: a new
         # thread per call would set up its CUDA state (cuBLAS handle, workspace) each time.
         self._generation_thread = ThreadPoolExecutor(max_workers=1,
@@ -815,7 +825,8 @@ class ModelPool:
                                 total, shards if self.preread_weights else 0, shards))
 
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        AutoModelForCausalLM, AutoTokenizer = from_transformers('AutoModelForCausalLM',
+                                                                'AutoTokenizer')
         if spec.device.startswith('cuda') and not torch.cuda.is_available():
             raise LoadError(f'role {spec.role!r} is configured for {spec.device} but CUDA is not '
                             'available')
@@ -836,12 +847,20 @@ class ModelPool:
         kwargs: Dict[str, Any] = {}
         if spec.device != 'cpu':
             kwargs['device_map'] = spec.device
-        try:
+
+        def load_weights() -> Any:
             with PRETRAINED_LOAD_LOCK:
-                model = AutoModelForCausalLM.from_pretrained(
+                loaded = AutoModelForCausalLM.from_pretrained(
                     str(info.directory), dtype=getattr(torch, spec.dtype), local_files_only=True,
                     **kwargs)
-            model.eval()
+            loaded.eval()
+            return loaded
+
+        try:
+            model = load_weights()
+            adapter = ''
+            if spec.adapter.strip():
+                model, adapter = self._apply_adapter(spec, model, load_weights)
         except Exception as exc:  # corrupt files raise many types; all mean "cannot load"
             release_memory()
             raise LoadError(f'cannot load model for role {spec.role!r} from {info.directory}: '
@@ -857,16 +876,48 @@ class ModelPool:
             memory = max(process_rss() - rss_before, tensors)
         report(LoadProgress(spec.role, 'done', 1.0, total, total, shards, shards))
         return LoadedModel(spec, model, tokenizer, memory, time.monotonic() - t0, time.time(),
-                           key=spec.key, bytes_read=total, tensor_bytes=tensors)
+                           key=spec.key, bytes_read=total, tensor_bytes=tensors, adapter=adapter)
+
+    def _note(self, level: str, text: str) -> None:
+        for fn in list(self.note_listeners):
+            fn(level, text)
+
+    def _apply_adapter(self, spec: ModelSpec, model: Any, load_base: Callable[[], Any]
+                       ) -> Tuple[Any, str]:
+        """Merge the role's configured LoRA adapter into `model`: (model, adapter directory).
+        A missing or broken adapter is a warning and the base model serves ('' = none merged)."""
+        from .memory.sleep_training import apply_adapter, resolve_adapter
+        path, problem = resolve_adapter(spec.adapter, spec.path)
+        if path is None:
+            if problem:
+                self._note('warning', f'role {spec.role!r}: {problem}; serving the base model')
+            else:
+                self._note('info', f'role {spec.role!r}: no sleep-trained adapter yet; serving '
+                                   'the base model')
+            return model, ''
+
+        def reload_base() -> Any:
+            release_memory()
+            return load_base()
+
+        model, problem = apply_adapter(model, path, reload_base)
+        if problem:
+            self._note('warning', f'role {spec.role!r}: {problem}; serving the base model')
+            return model, ''
+        self._note('info', f'role {spec.role!r}: LoRA adapter {path} merged into the weights')
+        return model, str(path)
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
                  should_stop: Optional[StopFn] = None,
-                 complexity: Optional[str] = None) -> GenerationResult:
+                 complexity: Optional[str] = None, preamble: str = '',
+                 memory: Sequence[str] = ()) -> GenerationResult:
         """Answer `messages` for `role`: the policy picks the resident model that answers or
         swaps (`swapped`); a role that cannot be loaded falls back to its `fallback` roles.
-        `requested_role`, `fallback` and `decision` in the result say what happened."""
+        `requested_role`, `fallback` and `decision` in the result say what happened. The
+        awakening `preamble` and recalled `memory` (best first) join the system message as far
+        as `memory_share` of the serving model's window allows (`memory_used`)."""
         if not messages:
             raise ValueError('no messages to answer')
         bad = [m.role for m in messages if m.role not in CHAT_ROLES]
@@ -882,7 +933,8 @@ class ModelPool:
             # The role's cap bounds every answer; a caller (an ATP budget) may ask for fewer.
             cap = entry.spec.max_new_tokens
             result = self._generate(entry, messages, min(max_new_tokens, cap) or cap,
-                                    temperature, on_text, should_stop, swapped, t0)
+                                    temperature, on_text, should_stop, swapped, t0,
+                                    preamble=preamble, memory=memory)
             self.policy.observe_generation(entry.spec.role, time.monotonic() - t_generate)
         return replace(result, requested_role=requested, fallback=fallback, decision=decision)
 
@@ -939,9 +991,11 @@ class ModelPool:
 
     def _generate(self, entry: LoadedModel, messages: Sequence[ChatTurn], max_new_tokens: int,
                   temperature: float, on_text: Optional[TextFn], should_stop: Optional[StopFn],
-                  swapped: bool, t0: float, fit: bool = True) -> GenerationResult:
+                  swapped: bool, t0: float, fit: bool = True, preamble: str = '',
+                  memory: Sequence[str] = ()) -> GenerationResult:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer = from_transformers(
+            'StoppingCriteria', 'StoppingCriteriaList', 'TextIteratorStreamer')
 
         tok, model = entry.tokenizer, entry.model
         fitted: Optional[FittedContext] = None
@@ -950,7 +1004,8 @@ class ModelPool:
                 fitted = fit_to_window(
                     messages, lambda ms: _prompt_tokens(tok, ms), entry.spec.context_window,
                     reserve_tokens=min(max_new_tokens, entry.spec.context_window // 2),
-                    summarize=self._summarizer(entry, should_stop), cache=self._summaries)
+                    summarize=self._summarizer(entry, should_stop), cache=self._summaries,
+                    preamble=preamble, memory=memory, memory_share=self.memory_share)
             except ContextOverflow as exc:
                 raise ModelError(f'role {entry.spec.role!r}: {exc}') from None
             messages = fitted.messages
@@ -968,7 +1023,7 @@ class ModelPool:
         stop_flag = should_stop or (lambda: False)
         aborted = threading.Event()   # the caller's side failed: stop the worker too
 
-        class _Stop(StoppingCriteria):  # checked after every token
+        class _Stop(StoppingCriteria):  # type: ignore[misc, valid-type]  # after every token
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 stop = aborted.is_set() or bool(stop_flag())
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool,
@@ -1030,7 +1085,8 @@ class ModelPool:
                                 role=entry.spec.role, swapped=swapped,
                                 prompt_tokens=prompt_tokens, completion_tokens=max(0, completion),
                                 time_to_first_token_s=ttft or (time.monotonic() - t0),
-                                duration_s=time.monotonic() - t0, context=fitted)
+                                duration_s=time.monotonic() - t0, context=fitted,
+                                memory_used=fitted.memory_used if fitted else 0)
 
     def _summarizer(self, serving: LoadedModel, should_stop: Optional[StopFn]
                     ) -> Optional[Callable[[Sequence[ChatTurn]], str]]:

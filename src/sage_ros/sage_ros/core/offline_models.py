@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
+from .loading import from_transformers
 from .models import model_cache_dir
 
 MARKER = 'sage-prepared.json'
@@ -90,7 +91,7 @@ def assemble(model: OfflineModel, dest: Path, log: LogFn = print) -> Path:
 def convert(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF once into a bf16 safetensors directory."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM, AutoTokenizer = from_transformers('AutoModelForCausalLM', 'AutoTokenizer')
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.bfloat16)

@@ -1,25 +1,24 @@
 """Durable state that must survive restarts and `kill -9`: trust, swap history, learned weights.
 
-One sqlite file (WAL, synchronous=FULL): a value returned from `put` or `append` is on disk.
-Values are JSON. Keys are namespaced by the caller (e.g. "trust/language").
+The robot's one sqlite file (`state_dir()/sage.db` by default; WAL, synchronous=FULL): a value
+returned from `put` or `append` is on disk. Values are JSON. Keys are namespaced by the caller
+(e.g. "trust/language"). The file is shared with the memory store (core/memory/store.py);
+whichever opens it first runs the schema migrations (core/memory/schema.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL,
-                                value TEXT NOT NULL, t REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS log_stream ON log (stream, id);
-"""
+from .memory.schema import DEFAULT_DB, StoreError, connect
+
+__all__ = ['DEFAULT_DB', 'StateStore', 'StoreError', 'default_state_file', 'resolve_state_file',
+           'state_dir']
 
 
 def state_dir() -> Path:
@@ -31,7 +30,12 @@ def state_dir() -> Path:
     return Path(xdg) / 'sage_ros'
 
 
-def resolve_state_file(value: str, default_name: str) -> Optional[Path]:
+def default_state_file() -> Path:
+    """The robot's one state file, shared by every node: `state_dir()/sage.db`."""
+    return state_dir() / DEFAULT_DB
+
+
+def resolve_state_file(value: str, default_name: str = DEFAULT_DB) -> Optional[Path]:
     """A node's `state_file` parameter: '' = `state_dir()/default_name`, 'none' = no persistence."""
     if value.strip().lower() == 'none':
         return None
@@ -44,13 +48,12 @@ class StateStore:
     """A thread-safe key/value table and append-only logs in one sqlite file."""
 
     def __init__(self, path: Path | str) -> None:
+        """Opens (creating and migrating) the file; raises StoreError with a one-line reason.
+        `migration_messages` says what opening did (a migration, an import of the previous
+        per-node kernel.db/model_manager.db into a new sage.db), for the caller to log."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute('PRAGMA journal_mode=WAL')
-        self._db.execute('PRAGMA synchronous=FULL')
-        self._db.executescript(_SCHEMA)
+        self._db, self.migration_messages = connect(self.path)
 
     def put(self, key: str, value: Any) -> None:
         with self._lock:

@@ -12,6 +12,16 @@ is reachable; until then observations wait. A block whose heartbeat stops (kille
 whose instance changes (restarted) fails its running goals at once and counts as not loaded
 until it beats ready again.
 
+Sessions: the kernel owns the robot's session (`core.memory.store.MemoryStore`, on the same
+SQLite file as trust and weights), kept by `kernel_sessions.SessionKeeper`. At start it closes
+the sessions a `kill -9` left open (one log line each) and opens the next; every finished turn
+(answered, rejected, failed, expired, cancelled) is journalled, durably, before its Response is
+published, so a user who saw an answer finds it after any crash. `session/end` closes the
+session with a summary and a "remember next time" note by the small model (extractive when no
+model answers), opens the next and dreams if asked; `kernel/sleep` enters DREAM now.
+SIGINT/SIGTERM close the session extractively (the model manager goes down at the same
+moment); the memory block dreams it at the next start.
+
 Time: stamps, the cycle and the engine's `now` follow the node clock, so with `use_sim_time`
 decisions follow `/clock`. On the system clock the engine runs on wall time at start advanced by
 the monotonic clock, so a wall-clock step (NTP at boot) cannot fire or stall deadlines. Liveness
@@ -23,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -44,8 +53,9 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
 from sage_interfaces.action import Language, Memory, Perception, Reasoning
-from sage_interfaces.msg import (BlockDescription, KernelState, Response, ResponseChunk, Salience,
-                                 TextObservation, TrustLevel)
+from sage_interfaces.msg import (BlockDescription, KernelState, MemoryStatus, Response,
+                                 ResponseChunk, Salience, TextObservation, TrustLevel)
+from sage_interfaces.srv import EndSession, Sleep
 from std_msgs.msg import String
 
 from .. import names
@@ -57,10 +67,13 @@ from ..core.kernel import (ACTION_LANGUAGE, ACTION_REASONING, KIND_REASONING, Cy
 from ..core.liveness import RESTARTED, Beat
 from ..core.metabolism import NONE, MetabolicState
 from ..core.routing import Complexity
+from ..core.memory.store import MemoryStore, Session
 from ..core.salience import SalienceScore, SnarcSalience, ngram_embedder
-from ..core.store import StateStore, resolve_state_file
+from ..core.store import resolve_state_file
 from .common import (LATCHED, LATCHED_MANY, OBSERVATIONS_IN, RELIABLE, ConfigError, declare,
                      declare_router, run_node)
+from .kernel_sessions import (STATUS_CANCELLED, STATUS_EXPIRED, STATUS_FAILED, STATUS_OK,
+                              STATUS_REJECTED, SessionKeeper, declare_session_parameters)
 from .liveness import HeartbeatPublisher, LivenessWatch, declare_liveness_timeout
 
 TEXT_SENSOR_ID = 'text'    # the source of `text_in`, and of a TextObservation that names none
@@ -106,6 +119,13 @@ class _FallbackEmbedder:
         self._node.get_logger().warning(f'salience: {exc}; novelty uses hashed character '
                                         'n-grams instead of MiniLM')
 
+    def minilm_embedder(self) -> Optional[Callable[[Sequence[str]], np.ndarray]]:
+        """MiniLM itself (no fallback: memories must all be in one embedding space), or None
+        when it cannot be loaded."""
+        if not self._minilm:
+            return None
+        return lambda texts: shared_embedder().embed(texts)
+
     def warm_up(self) -> None:
         if self._minilm:
             threading.Thread(target=self, args=(['warm up'],), daemon=True).start()
@@ -148,9 +168,10 @@ class KernelNode(Node):
                                  'Period of the `state` heartbeat (also published on every '
                                  'change) [s]', read_only=True, min_value=0.05, max_value=3600.0)
         state_file = declare(self, 'state_file', '',
-                             'Where trust and learned salience weights persist: "" = '
-                             '$SAGE_STATE_DIR/kernel.db, "none" = not persisted',
-                             read_only=True)
+                             "The robot's database (sessions, turn journal, memories, trust, "
+                             'learned weights): "" = $SAGE_STATE_DIR/sage.db, "none" = nothing '
+                             'persisted (sessions count from 1)', read_only=True)
+        session_params = declare_session_parameters(self)
         embedder_name = declare(self, 'salience.text_embedder', 'minilm',
                                 'Text embeddings for novelty and surprise: "minilm" (offline '
                                 'MiniLM) or "ngram" (hashed character n-grams, no model)',
@@ -160,18 +181,20 @@ class KernelNode(Node):
             raise ConfigError(f'salience.text_embedder must be one of {", ".join(EMBEDDERS)}, '
                               f'got {embedder_name!r}')
         self._embedder = _FallbackEmbedder(self, embedder_name == 'minilm')
-        path = resolve_state_file(state_file, 'kernel.db')
-        try:
-            store = StateStore(path) if path is not None else None
-        except (OSError, sqlite3.Error) as exc:   # a directory, unwritable, not a database
-            raise ConfigError(f'state_file {str(path)!r} cannot be used: {exc}') from None
+        path = resolve_state_file(state_file)
+        # Opens the state file (trust and weights for the engine, sessions and memories) and
+        # this run's session; notes are embedded with MiniLM only (`minilm_embedder` gives
+        # None with hashed n-grams).
+        self._sessions = SessionKeeper(self, path, session_params, self._embedder.minilm_embedder,
+                                       self._lock, self._publish_state)
         scorer = SnarcSalience(self._embedder, config.salience, config.weights)
-        self.core = Kernel(scorer, config, store=store, now=self._now(),
+        self.core = Kernel(scorer, config, store=self._sessions.state_store, now=self._now(),
                            first_turn=first_turn_id())
         if complexity is None:
             complexity = declare_router(self, 'that decides language vs. reasoning')
         self.core.complexity = complexity
         self._embedder.warm_up()
+        self.phase = ''   # the memory block's (core.memory.awakening), from memory/status
 
         # One group: observations, results and timers never race on the core's state, and the
         # action clients are only used from it. rclpy's ActionClient is not thread-safe: a goal
@@ -212,6 +235,8 @@ class KernelNode(Node):
                                  OBSERVATIONS_IN, callback_group=self._group)
         self.create_subscription(BlockDescription, names.BLOCKS_DESCRIPTION, self._on_block,
                                  LATCHED_MANY, callback_group=self._group)
+        self.create_subscription(MemoryStatus, names.MEMORY_STATUS, self._on_memory_status,
+                                 LATCHED, callback_group=self._group)
         self.create_timer(1.0 / cycle_rate_hz, self._on_cycle_timer, callback_group=self._group)
         self.create_timer(state_period_s, self._publish_state, callback_group=self._group)
         self._heartbeat = HeartbeatPublisher(self, '', self._beat_status)
@@ -224,11 +249,19 @@ class KernelNode(Node):
                           callback_group=self._group, clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
+        self.create_service(Sleep, names.KERNEL_SLEEP, self._on_sleep, callback_group=self._group)
+        # session/end waits for the language block's summary: its own group, so the kernel
+        # keeps cycling meanwhile, and a client that is safe to call from that thread (the
+        # keeper's).
+        self._end_group = MutuallyExclusiveCallbackGroup()
+        self.create_service(EndSession, names.SESSION_END, self._on_end_session,
+                            callback_group=self._end_group)
         self.get_logger().info(
             f'kernel listening on {self.resolve_topic_name(names.OBSERVATIONS_TEXT)} and '
             f'{self.resolve_topic_name(names.TEXT_IN)}, {self.core.state.value}, ATP '
-            f'{self.core.ledger.level:.0f}/{self.core.ledger.capacity:.0f}, state in '
-            f'{path or "memory only"}')
+            f'{self.core.ledger.level:.0f}/{self.core.ledger.capacity:.0f}, session '
+            f'{self.session.number}, state in '
+            f'{path or "memory only (state_file none: sessions are not kept)"}')
         with self._lock:
             self._refresh_readiness(force=True)     # publishes the first state
 
@@ -258,12 +291,60 @@ class KernelNode(Node):
         return self.get_clock().now().to_msg()
 
     def destroy_node(self) -> None:
-        """Write the lazily persisted state (sensor trust) before going away."""
+        """Write the lazily persisted state (sensor trust) and close the session (extractive
+        summary: the model manager is going down at the same moment) before going away."""
         core = getattr(self, 'core', None)     # absent if the constructor failed
         if core is not None:
             with self._lock:
+                self._sessions.begin_shutdown()
                 core.flush(self._now())
+                self._sessions.close_on_shutdown()
         super().destroy_node()
+
+    # ---- sessions ----------------------------------------------------------------------------
+    @property
+    def session(self) -> Session:
+        """The current session (the keeper's)."""
+        return self._sessions.session
+
+    @property
+    def memory(self) -> Optional[MemoryStore]:
+        """The session store, None with state_file none (the keeper's)."""
+        return self._sessions.memory
+
+    def _on_memory_status(self, msg: MemoryStatus) -> None:
+        """The developmental phase is the memory block's: its phases, its milestones."""
+        if msg.phase != self.phase:
+            self.phase = msg.phase
+            self._publish_state()
+
+    def _publish_answer(self, msg: Response, status: str) -> None:
+        """Journal the finished turn (durably), then publish its Response."""
+        self._sessions.journal(msg, status)
+        self._response_pub.publish(msg)
+
+    @_locked
+    def _on_sleep(self, request: Sleep.Request, response: Sleep.Response) -> Sleep.Response:
+        response.success, response.message = self._sleep(request.reason or 'asked to sleep')
+        return response
+
+    def _sleep(self, reason: str) -> Tuple[bool, str]:
+        t, why = self.core.sleep(self._now(), reason)
+        if t is None and why:
+            self.get_logger().info(f'sleep refused: {why}')
+            return False, f'not now: {why}'
+        if t is None:
+            return True, 'already in DREAM'
+        line = f'{t.source.value} -> {t.target.value}: {t.reason}'
+        self.get_logger().info(line)
+        self._run_cycle(publish=True)
+        return True, line
+
+    def _on_end_session(self, request: EndSession.Request,
+                        response: EndSession.Response) -> EndSession.Response:
+        """Close the session, open the next, and dream if asked (`SessionKeeper.end_session`:
+        on its own group, it takes the node's lock itself where needed)."""
+        return self._sessions.end_session(request, response, self._sleep)
 
     # ---- parameters --------------------------------------------------------------------------
     def _declare_engine_parameters(self) -> KernelConfig:
@@ -446,12 +527,14 @@ class KernelNode(Node):
             r = obs.rejection
             self.get_logger().warning(f'turn {r.turn_id} ({r.observation_id}) rejected: '
                                       f'{r.reason}')
-            self._response_pub.publish(self._rejected(r))
+            self._publish_answer(self._rejected(r), STATUS_REJECTED)
         # Dispatch first: the goal is on its way before salience and state are published.
         out = self.core.cycle(self._now())
         self._act_on(out)
         if obs.score is not None:
             self._publish_salience(obs.turn_id, obs.observation_id, obs.sensor_id, obs.score)
+            self._sessions.keep_observation(obs.turn_id, obs.observation_id, obs.sensor_id,
+                                            obs.text, obs.score)
         self._publish_state()
 
     @_locked
@@ -481,11 +564,11 @@ class KernelNode(Node):
             self._finish_failed(t.turn_id, t.reason, t.charged)
         for p in out.preemptions:
             self._cancel(p.turn_id)
-            self._finish_failed(p.turn_id, p.reason, p.charged)
+            self._finish_failed(p.turn_id, p.reason, p.charged, STATUS_CANCELLED)
         for r in out.expired:
             self._requeued.discard(r.turn_id)
             log.warning(f'turn {r.turn_id} ({r.observation_id}) dropped: {r.reason}')
-            self._response_pub.publish(self._rejected(r))
+            self._publish_answer(self._rejected(r), STATUS_EXPIRED)
         for turn, reason in out.deferred:
             log.info(f'turn {turn} waits: {reason}')
         for d in out.dispatches:
@@ -608,6 +691,7 @@ class KernelNode(Node):
                 msg.prompt_tokens, msg.completion_tokens = (result.prompt_tokens,
                                                             result.completion_tokens)
                 msg.requested_role, msg.fallback = result.requested_role, result.fallback
+                msg.memory_used = int(getattr(result, 'memory_used', 0))
                 self.get_logger().info(
                     f'turn {d.turn_id} answered by {result.model} ({result.role}, '
                     f'{msg.complexity}{", swapped" if result.swapped else ""}'
@@ -617,7 +701,7 @@ class KernelNode(Node):
             reason = result.error_msg or f'goal ended with status {wrapped.status}'
             msg = self._response(d, Response.STATUS_FAILED, reason, charged)
             self.get_logger().error(f'turn {d.turn_id} failed in {d.block.name}: {reason}')
-        self._response_pub.publish(msg)
+        self._publish_answer(msg, STATUS_OK if ok else STATUS_FAILED)
         self._run_cycle(publish=True)    # a slot and ATP came free
 
     def _not_started(self, d: Dispatch, reason: str) -> None:
@@ -625,7 +709,8 @@ class KernelNode(Node):
         self._finish_failed(d.turn_id, reason, 0.0)
         self._publish_state()
 
-    def _finish_failed(self, turn: int, reason: str, charged: float) -> None:
+    def _finish_failed(self, turn: int, reason: str, charged: float,
+                       status: str = STATUS_FAILED) -> None:
         d = self._dispatches.pop(turn, None)
         self._goals.pop(turn, None)
         self._sent_to.pop(turn, None)
@@ -634,7 +719,7 @@ class KernelNode(Node):
         if d is None:
             return
         self.get_logger().error(f'turn {turn} ({d.observation_id}) failed: {reason}')
-        self._response_pub.publish(self._response(d, Response.STATUS_FAILED, reason, charged))
+        self._publish_answer(self._response(d, Response.STATUS_FAILED, reason, charged), status)
 
     # ---- outputs -----------------------------------------------------------------------------
     def _response(self, d: Dispatch, status: int, error: str, charged: float) -> Response:
@@ -675,7 +760,8 @@ class KernelNode(Node):
                               outcomes=t.outcomes) for t in snap.trust],
             blocks=blocks, active_dispatches=snap.active_dispatches,
             observations_total=snap.observations_total, dispatches_total=snap.dispatches_total,
-            rejected_total=snap.rejected_total, last_decision=snap.last_decision))
+            rejected_total=snap.rejected_total, last_decision=snap.last_decision,
+            session=self.session.number, phase=self.phase))
 
 
 def main(args: Optional[List[str]] = None) -> int:

@@ -15,9 +15,16 @@ or to generate, an unknown role, input the model manager refused) is FAILED with
 A turn refused for not being ready, or lost with its model manager, makes the block check its
 readiness at once, so its next heartbeat says not ready.
 
+Before each turn that is not ephemeral the block asks the memory block (`blocks/memory`
+RECALL, `memory.recall_k` memories within `memory.recall_timeout_s`) for the awakening preamble
+and what is relevant, and passes them in the Generate goal; the model manager fits what fits.
+A memory block that is absent, unreachable or slow costs that turn its memory, never the turn:
+the outage is logged once, and its end once. A user's "remember that ..." is stored by the
+memory block from the kernel's journal, not here.
+
 `temperature`, `roles.*`, `system_prompt`, `max_new_tokens`, `max_exchanges`, `length_hint`,
-`max_goals` and the two waits take effect when set at run time (`ros2 param set`); `router`
-is read-only.
+`max_goals`, `memory.*` and the two waits take effect when set at run time (`ros2 param set`);
+`router` is read-only.
 """
 
 from __future__ import annotations
@@ -31,13 +38,13 @@ from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from sage_interfaces.action import Generate, Language
+from sage_interfaces.action import Generate, Language, Memory
 from sage_interfaces.msg import BlockDescription, ChatMessage, ModelStatus
 from sage_interfaces.srv import ResetConversation
 
 from .. import names
 from ..core.conversation import DEFAULT_SYSTEM_PROMPT, ChatTurn, Conversation
-from ..core.language import LanguageBlock
+from ..core.language import LanguageBlock, Recalled, memory_line
 from ..core.models import Cancelled, GenerationResult, ModelError, StopFn, TextFn
 from ..core.routing import Complexity, RoleMap
 from .action_call import (CallCancelled, CallError, Dependency, ServerGone, ServerUnavailable,
@@ -76,10 +83,12 @@ class ModelManagerClient:
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
                  should_stop: Optional[StopFn] = None,
-                 complexity: Optional[str] = None) -> GenerationResult:
+                 complexity: Optional[str] = None, preamble: str = '',
+                 memory: Sequence[str] = ()) -> GenerationResult:
         goal = Generate.Goal(role=role, max_new_tokens=max_new_tokens, temperature=temperature,
                              complexity=complexity or '', messages=[
-                                 ChatMessage(role=m.role, content=m.content) for m in messages])
+                                 ChatMessage(role=m.role, content=m.content) for m in messages],
+                             preamble=preamble, memory=list(memory))
         stop = should_stop or (lambda: False)
         try:
             wrapped = call_action(
@@ -105,7 +114,59 @@ class ModelManagerClient:
                                 completion_tokens=res.completion_tokens,
                                 time_to_first_token_s=res.time_to_first_token_s,
                                 duration_s=res.duration_s, requested_role=res.requested_role,
-                                fallback=res.fallback, truncated=res.truncated)
+                                fallback=res.fallback, truncated=res.truncated,
+                                memory_used=res.memory_used)
+
+
+class MemoryRecallClient:
+    """`core.language.RecallFn` over the memory block's RECALL: bounded by a short timeout,
+    and never an error: without an answer the turn goes on without memory. An outage (absent,
+    unreachable, failing, slow) is logged once when it starts and once when it ends."""
+
+    def __init__(self, node: Node, stopping: threading.Event) -> None:
+        self._node = node
+        self.client = ThreadSafeActionClient(node, Memory, names.BLOCK_MEMORY,
+                                             callback_group=ReentrantCallbackGroup())
+        self._stopping = stopping
+        self._lock = threading.Lock()
+        self.outage = 'not asked yet'     # why memory is not answering ('' = answering)
+        self._said = False
+
+    def __call__(self, text: str) -> Recalled:
+        p = self._node.get_parameter
+        if not p('memory.enabled').value:
+            return Recalled()
+        goal = Memory.Goal(operation=Memory.Goal.OP_RECALL, text=text,
+                           max_results=int(p('memory.recall_k').value))
+        timeout_s = float(p('memory.recall_timeout_s').value)
+        try:
+            # No wait for an absent server: a turn never waits for memory to come up.
+            wrapped = call_action(self.client, goal, what='memory block', server_wait_s=0.0,
+                                  timeout_s=timeout_s, should_stop=self._stopping.is_set,
+                                  abandon=lambda: True, cancel_wait_s=0.0)
+        except CallError as exc:
+            self._down(str(exc))
+            return Recalled()
+        res: Memory.Result = wrapped.result
+        if res.error_code != res.NONE:
+            self._down(res.error_msg or f'recall failed (code {res.error_code})')
+            return Recalled()
+        self._up()
+        return Recalled(res.preamble, tuple(memory_line(i.kind, i.text, int(i.session))
+                                            for i in res.items))
+
+    def _down(self, why: str) -> None:
+        with self._lock:
+            said, self._said, self.outage = self._said, True, why
+        if not said:
+            self._node.get_logger().warning(f'memory unavailable ({why}): answering without '
+                                            'memory until it is back')
+
+    def _up(self) -> None:
+        with self._lock:
+            said, self._said, self.outage = self._said, False, ''
+        if said:
+            self._node.get_logger().info('memory block answering again: turns recall memory')
 
 
 class LanguageBlockNode(Node):
@@ -160,8 +221,19 @@ class LanguageBlockNode(Node):
                               max_value=86400.0),
             stopping=self._stopping)
         classify = declare_router(self, 'for turns that arrive without one')
+        declare(self, 'memory.enabled', True,
+                'Ask the memory block (blocks/memory) for what is relevant before each turn of '
+                'the conversation')
+        declare(self, 'memory.recall_k', 5,
+                'Memories recalled per turn (pinned ones come on top) [memories]',
+                min_value=1, max_value=100)
+        declare(self, 'memory.recall_timeout_s', 0.5,
+                'Longest a turn waits for the recall; after it the turn goes on without memory '
+                '[s]', min_value=0.05, max_value=30.0)
+        self.recall = MemoryRecallClient(self, self._stopping)
         self.block = LanguageBlock(self.generator, conversation, roles, max_new_tokens,
-                                   temperature, classify, length_hint=length_hint)
+                                   temperature, classify, length_hint=length_hint,
+                                   recall=self.recall)
         self._turn_lock = threading.Lock()  # the conversation: the running turn, or a reset
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -337,7 +409,11 @@ class LanguageBlockNode(Node):
             produced[0] += 1
             gh.publish_feedback(Language.Feedback(text=piece, completion_tokens=produced[0]))
 
-        orphaned = self._requester.guard() if goal.ephemeral else (lambda: None)
+        # An ephemeral goal that starts while the reasoning block is gone is not one of its
+        # steps (a stopped node sends nothing; its waiting steps were dropped): the kernel's
+        # session summary, say. Only the steps of a live reasoning block are guarded.
+        steps = goal.ephemeral and not self._requester.gone_reason
+        orphaned = self._requester.guard() if steps else (lambda: None)
         with self._turn_lock:
             try:
                 answer = self.block.respond(
@@ -373,6 +449,7 @@ class LanguageBlockNode(Node):
         result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
         result.requested_role, result.fallback = g.requested_role, g.fallback
         result.truncated = g.truncated
+        result.memory_used = answer.memory_used
         if g.fallback:
             self.get_logger().warning(f'turn {goal.turn_id}: {g.role} answered instead of '
                                       f'{g.requested_role}: {g.fallback}')

@@ -57,5 +57,9 @@ def reasoning_block() -> int:
     return run('reasoning_block')
 
 
+def memory_block() -> int:
+    return run('memory_block')
+
+
 if __name__ == '__main__':
     raise SystemExit(run(sys.argv[1] if len(sys.argv) > 1 else ''))

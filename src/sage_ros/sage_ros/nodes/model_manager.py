@@ -53,7 +53,7 @@ from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher
 
 ENTRY_FIELDS = ('model_id', 'path', 'dtype', 'device', 'max_new_tokens', 'context_window',
-                'keep_resident', 'priority', 'fallback')
+                'keep_resident', 'priority', 'fallback', 'adapter')
 NO_FALLBACK = 'none'
 STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
 
@@ -103,11 +103,13 @@ class ModelManagerNode(LifecycleNode):
         if self._default_role not in self._roles:
             raise ConfigError(f'default_role {self._default_role!r} is not one of the roles '
                               f'{self._roles}')
-        state_file = resolve_state_file(self._p('state_file'), 'model_manager.db')
+        state_file = resolve_state_file(self._p('state_file'))
         try:
             self._store = StateStore(state_file) if state_file is not None else None
         except Exception as exc:  # sqlite3 or OS error: the path is unusable
             raise ConfigError(f'state_file: cannot open {state_file}: {exc}') from None
+        for message in self._store.migration_messages if self._store else []:
+            self.get_logger().info(message)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
 
@@ -183,6 +185,11 @@ class ModelManagerNode(LifecycleNode):
             declare(self, m + 'fallback', default_fallback(self._roles, role),
                     f'Roles tried in order when the {role} model cannot be used '
                     f'([{NO_FALLBACK}] = none)')
+            declare(self, m + 'adapter', '',
+                    'LoRA adapter merged into the weights after each load: "" = none, '
+                    '"latest" = the current sleep-trained adapter of this model (the base '
+                    'model until one exists), or a directory; a missing or broken adapter '
+                    'loads the base model with a warning')
         self._default_role: str = declare(self, 'default_role', 'small',
                                           'Role loaded on configure', read_only=True)
         declare(self, 'autostart', True,
@@ -223,6 +230,11 @@ class ModelManagerNode(LifecycleNode):
                 'summarised by the least capable resident model in up to this many tokens '
                 '(names and numbers are always kept verbatim) [tokens]; 0 = extractive summary',
                 min_value=0, max_value=4096)
+        declare(self, 'context.memory_share', 0.25,
+                'Largest share of a model\'s context window (after the answer\'s reserve) that '
+                'the awakening preamble and recalled memories may take; the lowest-ranked '
+                'memories are dropped first, then the preamble [fraction]',
+                min_value=0.0, max_value=0.9)
         declare(self, 'policy.substitute', True,
                 'A more capable resident model may answer instead of swapping down')
         declare(self, 'policy.hysteresis_requests', 3.0,
@@ -271,6 +283,7 @@ class ModelManagerNode(LifecycleNode):
         pool.memory_reserve_bytes = int(self._p('memory_reserve_gib') * GIB)
         pool.preread_weights = self._p('preread_weights')
         pool.summary_tokens = self._p('context.summary_tokens')
+        pool.memory_share = self._p('context.memory_share')
         pool.preread_chunk_bytes = self._p('preread_chunk_mib') << 20
         pool.retry_failed_s = self._p('retry_failed_s')
         pool.policy.config = self._policy_config()
@@ -344,6 +357,13 @@ class ModelManagerNode(LifecycleNode):
         for fn in list(self.load_listeners):
             fn(p)
 
+    def _on_load_note(self, level: str, text: str) -> None:
+        """What a load did that the log should say (an adapter merged, or why not)."""
+        if level == 'warning':
+            self.get_logger().warning(text)
+        else:
+            self.get_logger().info(text)
+
     def _load_default(self, pool: ModelPool, cancel: threading.Event) -> None:
         spec = pool.spec(self._default_role)
         self.get_logger().info(f'loading default role {spec.role!r}: {spec.model_id} from '
@@ -375,6 +395,7 @@ class ModelManagerNode(LifecycleNode):
         self._error = ''
         pool.listeners.append(self._publish_status)
         pool.progress_listeners.append(self._on_load_progress)
+        pool.note_listeners.append(self._on_load_note)
         self.pool = pool
         self._cancel = cancel = threading.Event()
         self._state_label = 'configuring'
@@ -539,8 +560,10 @@ class ModelManagerNode(LifecycleNode):
             g = pool.generate(goal.role, [ChatTurn(m.role, m.content) for m in goal.messages],
                               max_new_tokens=goal.max_new_tokens, temperature=goal.temperature,
                               on_text=on_text, should_stop=should_stop,
-                              complexity=goal.complexity or None)
+                              complexity=goal.complexity or None, preamble=goal.preamble,
+                              memory=list(goal.memory))
             result.text, result.model, result.role = g.text, g.model_id, g.role
+            result.memory_used = g.memory_used
             result.swapped, result.truncated = g.swapped, g.truncated
             result.prompt_tokens, result.completion_tokens = g.prompt_tokens, g.completion_tokens
             result.time_to_first_token_s, result.duration_s = g.time_to_first_token_s, g.duration_s
@@ -659,7 +682,7 @@ class ModelManagerNode(LifecycleNode):
             role=e.spec.role, model_id=e.spec.model_id, path=e.spec.path, device=e.spec.device,
             dtype=e.spec.dtype, memory_bytes=e.memory_bytes,
             load_duration_s=float(e.load_duration_s), loaded_at=stamp(e.loaded_at),
-            keep_resident=e.spec.keep_resident, uses=e.uses) for e in loaded]
+            keep_resident=e.spec.keep_resident, uses=e.uses, adapter=e.adapter) for e in loaded]
         msg.busy = any(p.busy for p in pools)
         msg.memory_used_bytes = sum(e.memory_bytes for e in loaded)
         msg.memory_available_bytes = available_memory(

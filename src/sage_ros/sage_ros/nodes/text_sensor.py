@@ -158,12 +158,12 @@ class TextSensorNode(Node):
             yield from complete
 
     def _pump(self, lines: Iterator[str], what: str) -> None:
-        # Wait for a subscriber so the first lines are not lost to discovery.
-        deadline = time.monotonic() + 10.0
-        while self._pub.get_subscription_count() == 0 and time.monotonic() < deadline:
-            if self._stop.wait(0.05):
-                return
         try:
+            # Wait for a subscriber so the first lines are not lost to discovery.
+            deadline = time.monotonic() + 10.0
+            while self._pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+                if self._stop.wait(0.05):
+                    return
             for line in lines:
                 if self._stop.is_set():
                     return

@@ -245,3 +245,51 @@ def test_reasoning_steps_are_abandoned_when_the_reasoning_block_stops(
     wait_for(results[2].done, 60.0, 'the kernel\'s turn answered')
     assert results[2].result().result.error_code == Language.Result.NONE
     stand_in.destroy_node()
+
+
+# ---- memory in the prompt ----------------------------------------------------------------------
+
+def test_a_turn_gets_the_recalled_memory_and_the_preamble(
+        harness: Callable[..., Harness], tmp_path: Any) -> None:
+    from sage_interfaces.action import Memory
+    from sage_ros.nodes.memory_block import MemoryBlockNode
+    h = harness((*GRAPH, graph.MEMORY_BLOCK), **{
+        # The tiny models' 512-token window and byte-level tokenizer: room for both.
+        **NO_SUBSTITUTE, 'model_manager:context.memory_share': 0.6,
+        'memory_block:embedder': 'ngram',
+        'memory_block:state_file': str(tmp_path / 'sage.db')})
+    lb, mm = nodes(h)
+    memory = h.node(MemoryBlockNode)
+    assert isinstance(memory, MemoryBlockNode)
+    wait_for(lambda: lb.readiness()[0], 60.0, 'language block ready')
+    stored = send_goal(ActionClient(h.probe, Memory, names.BLOCK_MEMORY), Memory.Goal(
+        operation=Memory.Goal.OP_STORE, text='the spare battery is in locker 12', pinned=True))
+    assert stored[0] and stored[1].error_code == 0
+    seen: List[Any] = []
+    pool = mm.pool
+    assert pool is not None
+    real = pool.generate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+    pool.generate = spy      # type: ignore[method-assign]
+    client = ActionClient(h.probe, Language, names.BLOCK_LANGUAGE)
+    ok, result, _ = send_goal(client, Language.Goal(turn_id=1, text='where is the spare battery?'))
+    assert ok and result.error_code == result.NONE and result.memory_used >= 1
+    assert seen[-1]['memory'][0] == 'You were asked to remember: the spare battery is in locker 12'
+    assert 'This is session 1' in seen[-1]['preamble']
+    assert lb.recall.outage == ''
+    # An ephemeral step (the reasoning block's) is answered without asking memory.
+    ok, result, _ = send_goal(client, Language.Goal(turn_id=2, text='spare battery?',
+                                                    ephemeral=True))
+    assert ok and result.memory_used == 0 and list(seen[-1]['memory']) == []
+
+
+def test_without_a_memory_block_turns_are_answered_without_memory(
+        harness: Callable[..., Harness]) -> None:
+    h, lb, mm, client = started(harness)
+    for i in range(2):
+        ok, result, _ = send_goal(client, Language.Goal(turn_id=i + 1, text='hello there'))
+        assert ok and result.error_code == result.NONE and result.memory_used == 0
+    assert 'memory block' in lb.recall.outage    # said once (the log), kept as the reason

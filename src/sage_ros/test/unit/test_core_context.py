@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Sequence
 
 import pytest
 
-from sage_ros.core.context import (FACTS_HEADER, CountFn, SUMMARY_HEADER, ContextOverflow, SummaryCache,
+from sage_ros.core.context import (FACTS_HEADER, MEMORY_HEADER, CountFn, SUMMARY_HEADER,
+                                   ContextOverflow, SummaryCache, memory_block,
                                    extract_facts, extractive_summary, fit_to_window,
                                    summary_request)
 from sage_ros.core.conversation import ChatTurn, Conversation
@@ -133,3 +134,99 @@ def test_under_pressure_the_newest_facts_are_kept(tiny_models: Dict[str, Path]) 
     assert 'R159' in kept and 'room 259' in kept          # the newest facts survive
     assert fitted.facts == tuple(extract_facts(' '.join(
         m.content for m in msgs[1:-1])))[-len(fitted.facts):]
+
+
+# ---- recalled memory and the awakening preamble in the system message -------------------------
+
+def word_count(msgs: Sequence[ChatTurn]) -> int:
+    """A fake tokenizer: one token per word, four per message for the template."""
+    return sum(4 + len(m.content.split()) for m in msgs)
+
+
+PREAMBLE = 'You are SAGE. This is session 3 (phase: infant).'
+MEMORIES = ['The user said earlier: my name is Alice', 'Remember: the dock is in room 7',
+            'The user said earlier: I like green tea very much indeed']
+
+
+def test_memory_goes_into_the_system_message_when_it_fits() -> None:
+    msgs = Conversation(system_prompt='You are a robot.').messages_for('who am I?')
+    fitted = fit_to_window(msgs, word_count, window=512, reserve_tokens=16, preamble=PREAMBLE,
+                           memory=MEMORIES)
+    assert fitted.memory_used == 3 and fitted.preamble_used
+    system = fitted.messages[0].content
+    assert system.startswith('You are a robot.') and PREAMBLE in system
+    assert MEMORY_HEADER in system
+    assert [line for line in system.splitlines() if line.startswith('- ')] == \
+        [f'- {m}' for m in MEMORIES]          # best first, as given
+    assert fitted.messages[1:] == tuple(msgs[1:]) and fitted.compressed_messages == 0
+    assert fitted.memory_block == memory_block(PREAMBLE, MEMORIES)
+    assert fitted.prompt_tokens == word_count(fitted.messages)
+
+
+def test_without_memory_nothing_changes() -> None:
+    msgs = long_conversation().messages_for('where is my office?')
+    plain = fit_to_window(msgs, word_count, window=400, reserve_tokens=32)
+    empty = fit_to_window(msgs, word_count, window=400, reserve_tokens=32, preamble=' ',
+                          memory=['', '  '])
+    assert plain == empty and plain.memory_used == 0 and not plain.preamble_used
+
+
+def test_memory_is_bounded_by_its_share_lowest_ranked_dropped_first() -> None:
+    msgs = Conversation(system_prompt='sys').messages_for('hi')
+    many = [f'memory number {i} ' + 'word ' * 10 for i in range(20)]   # ~13 tokens each
+    fitted = fit_to_window(msgs, word_count, window=416, reserve_tokens=16, preamble=PREAMBLE,
+                           memory=many, memory_share=0.25)
+    added = word_count(fitted.messages[:1]) - word_count([ChatTurn('system', 'sys')])
+    assert added <= 100                                  # a quarter of the 400-token room
+    assert 0 < fitted.memory_used < len(many) and fitted.preamble_used
+    system = fitted.messages[0].content
+    assert all(m.strip() in system for m in many[:fitted.memory_used])   # a prefix: the best
+    assert all(m.strip() not in system for m in many[fitted.memory_used:])
+    # Memories go before the preamble: a share too small for any memory still holds it.
+    small = fit_to_window(msgs, word_count, window=416, reserve_tokens=16, preamble=PREAMBLE,
+                          memory=many, memory_share=0.04)
+    assert small.preamble_used and small.memory_used == 0
+    # And a share too small for the preamble drops it too.
+    none = fit_to_window(msgs, word_count, window=416, reserve_tokens=16, preamble=PREAMBLE,
+                         memory=many, memory_share=0.01)
+    assert not none.preamble_used and none.memory_used == 0
+    assert none.messages == tuple(msgs)
+
+
+def test_memory_takes_its_share_from_old_history_which_is_summarised() -> None:
+    msgs = long_conversation().messages_for('where is my office?')
+    plain = fit_to_window(msgs, word_count, window=400, reserve_tokens=32)
+    with_memory = fit_to_window(msgs, word_count, window=400, reserve_tokens=32,
+                                preamble=PREAMBLE, memory=MEMORIES)
+    assert with_memory.memory_used == 3 and with_memory.prompt_tokens <= 400 - 32
+    assert with_memory.compressed_messages >= plain.compressed_messages > 0
+    system = with_memory.messages[0].content
+    # system prompt, then the memory block, then the summary of the older turns
+    assert system.index('You are a robot.') < system.index(PREAMBLE) \
+        < system.index(MEMORY_HEADER) < system.index(SUMMARY_HEADER)
+    assert 'Alice' in system                      # the facts of the summarised turns stay
+    assert with_memory.messages[-1] == msgs[-1]
+
+
+def test_a_long_new_message_shrinks_the_memory_block_rather_than_fail() -> None:
+    msgs = Conversation(system_prompt='sys').messages_for('word ' * 365)
+    fitted = fit_to_window(msgs, word_count, window=416, reserve_tokens=16, preamble=PREAMBLE,
+                           memory=MEMORIES, memory_share=0.25)
+    assert fitted.prompt_tokens <= 400 and fitted.messages[-1] == msgs[-1]
+    assert fitted.memory_used < len(MEMORIES)
+    with pytest.raises(ContextOverflow):
+        fit_to_window(Conversation(system_prompt='sys').messages_for('word ' * 420), word_count,
+                      window=416, reserve_tokens=16, preamble=PREAMBLE, memory=MEMORIES)
+
+
+def test_memory_fits_with_a_real_tokenizer(tiny_models: Dict[str, Path]) -> None:
+    count = counter_for(tiny_models['small'])
+    msgs = long_conversation().messages_for('where is my office?')
+    many = [f'The user said earlier: the cup number {i} is on the table' for i in range(40)]
+    fitted = fit_to_window(msgs, count, window=1024, reserve_tokens=64, preamble=PREAMBLE,
+                           memory=many)
+    assert fitted.prompt_tokens <= 1024 - 64 and fitted.prompt_tokens == count(fitted.messages)
+    assert 0 < fitted.memory_used < len(many) and fitted.preamble_used
+    block_tokens = count([ChatTurn('system', 'You are a robot.\n\n' + fitted.memory_block)]) \
+        - count([ChatTurn('system', 'You are a robot.')])
+    assert block_tokens <= 0.25 * (1024 - 64)

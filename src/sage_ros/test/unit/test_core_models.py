@@ -140,10 +140,11 @@ class Recorder:
     def generate(self, role: str, messages: Sequence[ChatTurn], max_new_tokens: int = 0,
                  temperature: float = 0.0, on_text: Optional[TextFn] = None,
                  should_stop: Optional[StopFn] = None,
-                 complexity: Optional[str] = None) -> GenerationResult:
+                 complexity: Optional[str] = None, preamble: str = '',
+                 memory: Sequence[str] = ()) -> GenerationResult:
         self.calls.append(list(messages))
         return self.inner.generate(role, messages, max_new_tokens, temperature, on_text,
-                                   should_stop, complexity)
+                                   should_stop, complexity, preamble=preamble, memory=memory)
 
 
 def test_a_turns_cap_is_told_to_the_model_and_the_lower_cap_wins(
