@@ -164,7 +164,7 @@ def call_action(client: ActionClient, goal: Any, *, what: str, server_wait_s: fl
         if should_stop():
             raise stop(CallCancelled(f'{what} goal cancelled'), wait=not abandon())
         if time.monotonic() >= deadline:
-            raise stop(CallTimeout(f'the {what} took longer than {timeout_s:.0f} s'),
+            raise stop(CallTimeout(f'the {what} took longer than {timeout_s:g} s'),
                        wait=not abandon())
     wrapped = result.result()
     if wrapped is None:

@@ -49,7 +49,7 @@ from ..core.models import Cancelled, GenerationResult, ModelError, StopFn, TextF
 from ..core.routing import Complexity, RoleMap
 from .action_call import (CallCancelled, CallError, Dependency, ServerGone, ServerUnavailable,
                           ThreadSafeActionClient, call_action)
-from .common import LATCHED, ConfigError, declare, declare_router, run_node, stamp
+from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, declare_router, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
 
@@ -249,7 +249,7 @@ class LanguageBlockNode(Node):
             self, Language, names.BLOCK_LANGUAGE, execute_callback=self.queue.wrap(self._execute),
             goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
             cancel_callback=self.queue.cancel_callback,
-            callback_group=MutuallyExclusiveCallbackGroup())
+            callback_group=MutuallyExclusiveCallbackGroup(), result_timeout=RESULT_KEEP_S)
         self.create_service(ResetConversation, names.LANGUAGE_RESET, self._on_reset,
                             callback_group=ReentrantCallbackGroup())
         self._description_pub = self.create_publisher(BlockDescription, names.BLOCKS_DESCRIPTION,

@@ -47,7 +47,7 @@ from ..core.memory.store import (KINDS, Hit, Memory as StoredMemory, MemoryStore
 from ..core.params import param_docs
 from ..core.salience import TextEmbedder, ngram_embedder
 from ..core.store import resolve_state_file, state_dir
-from .common import LATCHED, RELIABLE, ConfigError, declare, run_node, stamp
+from .common import LATCHED, RELIABLE, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .liveness import HeartbeatPublisher
 
 ACTION_TYPE = 'sage_interfaces/action/Memory'
@@ -215,7 +215,7 @@ class MemoryBlockNode(Node):
         self._server = ActionServer(
             self, Memory, names.BLOCK_MEMORY, execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=ReentrantCallbackGroup())
+            callback_group=ReentrantCallbackGroup(), result_timeout=RESULT_KEEP_S)
         group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(KernelState, names.STATE, self._on_state, LATCHED,
                                  callback_group=group)

@@ -48,7 +48,7 @@ from ..core.models import (DTYPE_BYTES, Cancelled, LoadError, LoadProgress,
                            available_memory, inspect_weights, locate_model_dir, resolve_device)
 from ..core.store import StateStore, resolve_state_file
 from ..core.swap_policy import GIB, PolicyConfig, SwapPolicy
-from .common import LATCHED, ConfigError, declare, run_node, stamp
+from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher
 
@@ -126,11 +126,13 @@ class ModelManagerNode(LifecycleNode):
             self, Generate, names.MODEL_GENERATE,
             execute_callback=self.queue.wrap(self._execute_generate), goal_callback=self._on_goal,
             handle_accepted_callback=self.queue.handle_accepted,
-            cancel_callback=self.queue.cancel_callback, callback_group=group)
+            cancel_callback=self.queue.cancel_callback, callback_group=group,
+            result_timeout=RESULT_KEEP_S)
         self._swap = ActionServer(
             self, SwapModel, names.MODEL_SWAP, execute_callback=self.queue.wrap(self._execute_swap),
             goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
-            cancel_callback=self.queue.cancel_callback, callback_group=group)
+            cancel_callback=self.queue.cancel_callback, callback_group=group,
+            result_timeout=RESULT_KEEP_S)
         self._publish_status()
         if self._p('autostart'):
             self._autostart_timer = self.create_timer(

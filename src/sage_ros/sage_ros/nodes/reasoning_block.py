@@ -29,7 +29,7 @@ from ..core.reasoning import (HaltReason, InvalidProblem, LanguageCancelled, Lan
                               ReasoningParams, StepRecord, StopFn)
 from .action_call import (CallCancelled, CallError, Dependency, ThreadSafeActionClient,
                           call_action)
-from .common import LATCHED, ConfigError, declare, run_node, stamp
+from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
 
@@ -143,7 +143,7 @@ class ReasoningBlockNode(Node):
             self, Reasoning, names.BLOCK_REASONING, execute_callback=self.queue.wrap(self._reason),
             goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
             cancel_callback=self.queue.cancel_callback,
-            callback_group=MutuallyExclusiveCallbackGroup())
+            callback_group=MutuallyExclusiveCallbackGroup(), result_timeout=RESULT_KEEP_S)
         self._description_pub = self.create_publisher(BlockDescription, names.BLOCKS_DESCRIPTION,
                                                       LATCHED)
         self._publish_description()
