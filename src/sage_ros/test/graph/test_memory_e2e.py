@@ -1,7 +1,8 @@
 """Memory end to end with the real graph (`sage up`, every node of the demo profile, tiny random
 language models, the real MiniLM in the memory block): a fact told in session 1 is recalled in
 session 2 after a kill -9 of the whole graph, whose next start says what it recovered with every
-answered turn present and the database intact; and a dream changes what the next session
+answered turn present and the database intact, and a memory block killed with -9 costs a turn
+its memory, never the turn, until it is back; and a dream changes what the next session
 recalls. Random models cannot be asked to say the fact, so the tests assert on the recall (the
 Response's memory_used, `sage memory search`, the store's search), never on answer text.
 """
@@ -9,6 +10,7 @@ Response's memory_used, `sage memory search`, the store's search), never on answ
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,7 +21,8 @@ import pytest
 import yaml
 
 from conftest import params_for
-from graph_support import SAGE, Output, Probe, domain, graph_env, kill_group, start_up, stop
+from graph_support import (SAGE, Output, Probe, child_pid, domain, graph_env, kill_group,
+                           start_up, stop)
 from sage_ros import names
 from sage_ros.core.embeddings import shared_embedder
 from sage_ros.core.memory.store import Hit, MemoryStore
@@ -123,6 +126,16 @@ def test_a_fact_survives_a_kill_9_of_the_graph_and_is_recalled_in_the_next_sessi
         # in session 1 is among the first hits, pinned.
         found = [h for h in hits[:3] if h['text'].rstrip('.') == FACT]
         assert found and found[0]['kind'] == 'pinned' and found[0]['session'] == 1, hits
+
+        # A memory block killed with -9 costs the next turn its memory, never the turn; once
+        # `sage up` has started it again, recall is back.
+        os.kill(child_pid(output, names.MEMORY_BLOCK), signal.SIGKILL)
+        (blind,) = ask(probe, 'where is the spare battery kept?')
+        assert blind.memory_used == 0                         # type: ignore[attr-defined]
+        probe.wait(lambda: ask(probe, 'where is the spare battery?')[0]
+                   .memory_used > 0, 120,                     # type: ignore[attr-defined]
+                   'recall from the restarted memory block')
+        assert 'started memory_block again' in output.text()
     finally:
         stop(proc, signal.SIGINT, output=output)
         probe.close()
