@@ -30,6 +30,9 @@ setup(
             'model_manager = sage_ros.nodes.launcher:model_manager',
             'reasoning_block = sage_ros.nodes.launcher:reasoning_block',
             'memory_block = sage_ros.nodes.launcher:memory_block',
+            'perception_block = sage_ros.nodes.launcher:perception_block',
+            'microphone = sage_ros.nodes.launcher:microphone',
+            'camera = sage_ros.nodes.launcher:camera',
         ],
     },
 )

@@ -48,6 +48,11 @@ REASONING_BLOCK = NodeSpec(names.REASONING_BLOCK, 'reasoning_block', 'sage_ros.n
 # Cheap (SQLite and the embeddings the kernel loads anyway): in every profile.
 MEMORY_BLOCK = NodeSpec(names.MEMORY_BLOCK, 'memory_block', 'sage_ros.nodes.memory_block',
                         'MemoryBlockNode')
+PERCEPTION_BLOCK = NodeSpec(names.PERCEPTION_BLOCK, 'perception_block',
+                            'sage_ros.nodes.perception_block', 'PerceptionBlockNode')
+MICROPHONE = NodeSpec(names.MICROPHONE, 'microphone', 'sage_ros.nodes.microphone',
+                      'MicrophoneNode')
+CAMERA = NodeSpec(names.CAMERA, 'camera', 'sage_ros.nodes.camera', 'CameraNode')
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class Profile:
     description: str
 
 
-_ALL = (TEXT_SENSOR, KERNEL, LANGUAGE_BLOCK, REASONING_BLOCK, MEMORY_BLOCK, MODEL_MANAGER)
+_ALL = (TEXT_SENSOR, MICROPHONE, CAMERA, KERNEL, LANGUAGE_BLOCK, REASONING_BLOCK, MEMORY_BLOCK,
+        PERCEPTION_BLOCK, MODEL_MANAGER)
 # Sprout has one 0.5B model and 8 GB shared memory: decomposing through the same small model
 # gains little and the block's process costs memory, so the kernel answers in plain language.
 _WITHOUT_REASONING = tuple(s for s in _ALL if s is not REASONING_BLOCK)

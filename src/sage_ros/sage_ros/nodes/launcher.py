@@ -61,5 +61,17 @@ def memory_block() -> int:
     return run('memory_block')
 
 
+def perception_block() -> int:
+    return run('perception_block')
+
+
+def microphone() -> int:
+    return run('microphone')
+
+
+def camera() -> int:
+    return run('camera')
+
+
 if __name__ == '__main__':
     raise SystemExit(run(sys.argv[1] if len(sys.argv) > 1 else ''))
