@@ -90,6 +90,8 @@ class ConsoleNode(Node):
                                  LATCHED)
         self.memory_client = ThreadSafeActionClient(self, Memory, names.BLOCK_MEMORY)
         self.watch = LivenessWatch(self, KERNEL_TIMEOUT_S)
+        # `sage chat --voice`: answers to what the microphone heard (not this console's turns).
+        self.on_heard: Optional[Callable[[Response], None]] = None
 
     def mine(self, observation_id: str) -> bool:
         return observation_id.startswith(f'{self.instance}/')
@@ -112,6 +114,8 @@ class ConsoleNode(Node):
     def _on_response(self, msg: Response) -> None:
         if self.mine(msg.observation_id):
             self.responses.put(msg)
+        elif self.on_heard is not None and msg.modality == 'speech':
+            self.on_heard(msg)
 
     def _on_chunk(self, msg: ResponseChunk) -> None:
         if self.mine(msg.observation_id):
@@ -178,6 +182,7 @@ class Chat:
         self._stopping = threading.Event()
         self.state_file: Optional[Path] = None    # the kernel's database, from the parameters
         self.dream_timeout_s = 120.0
+        self.extra_params: List[Path] = []   # under the user's --params-file (e.g. --voice's)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -185,7 +190,8 @@ class Chat:
     # ---- start-up ----------------------------------------------------------------------------
     def start(self, discovery_s: float, ready_timeout_s: float) -> None:
         # `--params-file` goes on top of base.yaml and the profile's overlay.
-        extra = [check_params_file(self.params_file)] if self.params_file else []
+        extra = [*self.extra_params,
+                 *([check_params_file(self.params_file)] if self.params_file else [])]
         files = graph.params_files(self.profile, extra)
         self.state_file = kernel_state_file(files)
         # Without rclpy's signal handlers: Ctrl-C is a KeyboardInterrupt here, and `stop` then
@@ -687,3 +693,58 @@ def reset_conversation(chat: Chat) -> str:
     if res is None:
         return f'reset failed: {why}'
     return f'conversation reset ({res.turns_forgotten} exchanges forgotten)'
+
+
+# ---- --voice -----------------------------------------------------------------------------------
+def input_device() -> Tuple[str, str]:
+    """(name of the default input device, '') or ('', why there is none), as sounddevice (the
+    microphone node's library) sees it."""
+    try:
+        import sounddevice
+    except OSError as exc:   # no PortAudio library
+        return '', f'sounddevice cannot load PortAudio ({exc})'
+    except ImportError as exc:
+        return '', f'sounddevice is not installed ({exc})'
+    try:
+        info = sounddevice.query_devices(kind='input')
+    except Exception as exc:   # PortAudioError: no default input device
+        return '', f'no input device ({exc})'
+    return str(info.get('name', 'default') if isinstance(info, dict) else 'default'), ''
+
+
+def voice_params() -> Path:
+    """A parameters file turning on the microphone node's device source (embedded graph)."""
+    import os
+    import tempfile
+    out_dir = Path(tempfile.gettempdir()) / f'sage_ros-params-{os.getuid()}'
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / 'voice.yaml'
+    path.write_text(f'/**/{names.MICROPHONE}:\n  ros__parameters:\n    source: device\n',
+                    encoding='utf-8')
+    return path
+
+
+def enable_voice(chat: Chat) -> bool:
+    """Before `start`: listen with the default input device where there is one; else say so in
+    one line (the chat goes on as text). True when listening is set up."""
+    device, why = input_device()
+    if not device:
+        chat.say(f'--voice: {why}; this is a text chat')
+        return False
+    if chat.mode != 'attach':
+        chat.extra_params.append(voice_params())
+    chat.say(f'--voice: listening on {device!r}' + (
+        ' (an attached graph uses its own microphone settings)' if chat.mode != 'embedded' else
+        ''))
+    return True
+
+
+def show_heard(chat: Chat) -> None:
+    """After `start`: print each answer to what the microphone heard as it arrives."""
+    assert chat.console is not None
+
+    def heard(r: Response) -> None:
+        answer = answer_text(r) if r.status == Response.STATUS_OK else ''
+        print(f'\n(heard) {r.input_text or "(nothing recognised)"}\nsage> {answer}\n'
+              f'{chat.status_line(r)}', file=chat.out, flush=True)
+    chat.console.on_heard = heard

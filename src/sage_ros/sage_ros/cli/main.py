@@ -1,6 +1,8 @@
 """`sage`: the SAGE console.
 
   sage chat [--script FILE] [--json]   talk to SAGE (attaches to a running graph, else starts one)
+  sage hear FILE.wav [--json]          play a WAV through the microphone node: transcript, answer
+  sage see FILE [--json]               play an image or video through the camera node; what is seen
   sage up [--profile P] [--processes]  run a profile's graph without `ros2 launch`
   sage models prepare|list             prepare the offline models
   sage route [--heuristic] [PROMPT...]  complexity and model role per prompt, without generating
@@ -61,6 +63,52 @@ def _parser() -> argparse.ArgumentParser:
                       'session (default: 120 s)')
     chat.add_argument('-v', '--verbose', action='store_true',
                       help="show the embedded graph's log")
+
+    chat.add_argument('--voice', action='store_true',
+                      help="also listen: the graph's microphone captures from the default input "
+                      'device and what it hears is answered here (text chat goes on; without an '
+                      'input device it says so and stays a text chat)')
+
+    def attach_args(sp: argparse.ArgumentParser) -> None:
+        mode = sp.add_mutually_exclusive_group()
+        mode.add_argument('--attach', dest='mode', action='store_const', const='attach',
+                          help='only attach to a running graph')
+        mode.add_argument('--embedded', dest='mode', action='store_const', const='embedded',
+                          help='always start the graph in this process')
+        sp.set_defaults(mode='auto')
+        sp.add_argument('--discovery-timeout', type=float, default=2.0, metavar='S',
+                        help='how long to look for a running graph (default: 2 s)')
+        sp.add_argument('--ready-timeout', type=float, default=600.0, metavar='S',
+                        help='how long to wait for the graph to be ready (default: 600 s)')
+        sp.add_argument('--timeout', type=float, default=300.0, metavar='S',
+                        help='how long to wait for the play and what the graph makes of it '
+                        '(default: 300 s)')
+        sp.add_argument('--json', action='store_true', help='print one JSON object')
+        sp.add_argument('--realtime', action='store_true',
+                        help='play at the recording\'s own pace (default: as fast as the node '
+                        'processes it)')
+        sp.add_argument('-v', '--verbose', action='store_true',
+                        help="show the embedded graph's log")
+
+    hear = sub.add_parser('hear', help='play a WAV through the microphone node', description=(
+        'Play a WAV file through the microphone node of a running graph (else one started in '
+        'this process, as `sage chat` does): its VAD finds the utterances, the perception block '
+        'transcribes them and the kernel answers each. Prints the transcript and the answer; '
+        'with --json one object (transcript, response, asr_s, latency_s, observation_id, '
+        'audio_duration_s, model, status, utterances).'))
+    hear.add_argument('file', metavar='FILE.wav', help='the recording (sent as bytes)')
+    graph_args(hear)
+    attach_args(hear)
+    see = sub.add_parser('see', help='play an image or video through the camera node',
+                         description=(
+        'Play an image (jpeg, png) or a video through the camera node of a running graph (else '
+        'one started in this process): the kernel perceives the keyframes it finds salient '
+        'enough. Prints each percept (salience, detections, description) and any answer the '
+        'kernel gave; with --json one object (observation_ids, salience, detections, '
+        'description, motion, percepts, responses).'))
+    see.add_argument('file', metavar='FILE', help='the image or video (sent as bytes)')
+    graph_args(see)
+    attach_args(see)
 
     up = sub.add_parser('up', help='run the graph without ros2 launch', description=(
         'Run a profile\'s graph, the same nodes and parameters as launch/<profile>.launch.py: '
@@ -214,13 +262,35 @@ def _chat(args: argparse.Namespace) -> int:
     chat = Chat(PROFILES[args.profile], args.namespace, args.params_file, args.mode,
                 args.verbose)
     chat.dream_timeout_s = args.dream_timeout
+    from .chat import enable_voice, show_heard
+    voice = args.voice and enable_voice(chat)
     try:
         chat.start(args.discovery_timeout, args.ready_timeout)
+        if voice:
+            show_heard(chat)
         if args.script:
             return run_script(chat, args.script, args.json, args.turn_timeout)
         return run_interactive(chat, args.turn_timeout)
     finally:
         chat.stop()
+
+
+def _perceive(args: argparse.Namespace) -> int:
+    from .chat import Chat
+    from .perceive import Perceiver, hear, read_media, see
+    data = read_media(args.file)   # before starting anything
+    if args.timeout <= 0:
+        from .graph_runner import GraphError
+        raise GraphError('--timeout must be > 0')
+    perceiver = Perceiver(Chat(PROFILES[args.profile], args.namespace, args.params_file,
+                               args.mode, args.verbose))
+    run = hear if args.command == 'hear' else see
+    try:
+        perceiver.start(args.discovery_timeout, args.ready_timeout)
+        return run(perceiver, args.file, data, args.json, args.realtime, args.timeout,
+                   sys.stdout)
+    finally:
+        perceiver.stop()
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -261,8 +331,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .memory import MemoryCliError
     from .route import RouteError
     try:
-        return {'chat': _chat, 'up': _up, 'models': _models, 'route': _route,
-                'memory': _memory, 'sessions': _sessions}[args.command](args)
+        return {'chat': _chat, 'up': _up, 'hear': _perceive, 'see': _perceive,
+                'models': _models, 'route': _route, 'memory': _memory,
+                'sessions': _sessions}[args.command](args)
     except (GraphError, PrepareError, ConfigError, RouteError, MemoryCliError) as exc:
         print(f'sage: error: {exc}', file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import importlib.util
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,18 +51,7 @@ class SentenceEmbedder:
         self._tokenizer: Any = None
 
     def _load(self) -> None:
-        import torch
-        AutoModel, AutoTokenizer = from_transformers('AutoModel', 'AutoTokenizer')
-
-        path = self._path or minilm_path()
-        try:
-            with PRETRAINED_LOAD_LOCK:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-                model = AutoModel.from_pretrained(str(path), local_files_only=True,
-                                                  dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise EmbeddingError(f'cannot load the embedding model from {path}: {exc}') from exc
-        self._model = model.eval()
+        self._model, self._tokenizer = load_encoder(self._path or minilm_path())
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings, shape (len(texts), 384), float32."""
@@ -93,16 +82,39 @@ class SentenceEmbedder:
         return self.embed([text])[0]
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
+        return encode(self._model, self._tokenizer, texts, self._max_length)
 
-        enc = self._tokenizer(list(texts), padding=True, truncation=True,
-                              max_length=self._max_length, return_tensors='pt')
-        with torch.inference_mode():
-            hidden = self._model(**enc).last_hidden_state
-        mask = enc['attention_mask'].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.cpu().numpy().astype(np.float32)
+
+def load_encoder(path: Path, dtype: str = 'float32', device: str = 'cpu') -> Tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a sentence encoder directory, offline."""
+    import torch
+    AutoModel, AutoTokenizer = from_transformers('AutoModel', 'AutoTokenizer')
+    try:
+        with PRETRAINED_LOAD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model = AutoModel.from_pretrained(str(path), local_files_only=True,
+                                              dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        raise EmbeddingError(f'cannot load the embedding model from {path}: {exc}') from exc
+    if device != 'cpu':
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def encode(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256
+           ) -> np.ndarray:
+    """Unit-norm sentence embeddings (len(texts), dim) float32: the token embeddings mean-pooled
+    over the attention mask, then L2-normalised."""
+    import torch
+
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                    return_tensors='pt').to(model.device)
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    mask = enc['attention_mask'].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+    return pooled.cpu().numpy().astype(np.float32)
 
 
 _shared: Optional[SentenceEmbedder] = None

@@ -1,7 +1,10 @@
 """The kernel's cycle: what deserves attention and energy, decided without ROS.
 
-    observe(source, text | Observation, now, observation_id)
+    observe(source, text | Observation, now, observation_id, turn_id)
                                               sanitise, score (SNARC, per source), queue
+                                              (features alone: scored only; turn_id: the
+                                              words of a turn already observed, e.g. the
+                                              transcript of an utterance)
     cycle(now)                                recharge ATP, expire what waited too long, time
                                               out stuck goals, update the metabolic state,
                                               select targets by salience under the state's
@@ -12,6 +15,8 @@
     block_lost(block, reason, now)            a block's process stopped or restarted: its
                                               running goals fail at once
     snapshot(now)                             what `state` publishes
+    reserve_perception(now), settle_perception(grant, started, now)
+                                              one run of ATP for a perception goal
 
 Targets are chosen by salience across sources, and in arrival order within one source (a
 later observation of a source is never dispatched before an earlier one the state serves);
@@ -48,6 +53,7 @@ from .trust import KIND_BLOCK, KIND_SENSOR, Result, TrustBook, TrustEntry, Trust
 
 ACTION_LANGUAGE = 'sage_interfaces/action/Language'
 ACTION_REASONING = 'sage_interfaces/action/Reasoning'
+ACTION_PERCEPTION = 'sage_interfaces/action/Perception'
 KIND_LANGUAGE = 'language'
 KIND_REASONING = 'reasoning'
 _SALIENCE_KEY = 'salience/state'
@@ -80,6 +86,50 @@ class KernelParams:
 
     def is_person(self, source: str) -> bool:
         return ALL_SENSORS in self.people or source in self.people
+
+
+@dataclass(frozen=True)
+class HearingParams:
+    """What the kernel does with utterances (`observations/audio`)."""
+
+    people: Tuple[str, ...] = tunable(
+        (ALL_SENSORS,), 'Audio sources whose utterances are a person talking: each is '
+        'transcribed by the perception block and answered like text, and counts among the people '
+        'a state\'s person_targets answer ("*": every audio source, "none": nobody; the '
+        'utterances of other sources are only scored)')
+    wake_words: Tuple[str, ...] = tunable(
+        (), 'Words (or phrases) one of which a transcript must contain to be answered, matched '
+        'whole-word and case-insensitively ("none": every utterance is answered); a transcript '
+        'without one is rejected with "no wake word" (its percept is still published)')
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'people', tuple(str(s) for s in self.people if s != NONE))
+        object.__setattr__(self, 'wake_words', tuple(
+            str(w).strip() for w in self.wake_words if str(w).strip() and w != NONE))
+
+    def is_person(self, source: str) -> bool:
+        return ALL_SENSORS in self.people or source in self.people
+
+
+@dataclass(frozen=True)
+class VisionParams:
+    """What the kernel does with camera frames (`observations/vision`)."""
+
+    perceive_salience: float = tunable(
+        0.3, 'Salience a keyframe needs to be sent to the perception block (a frame played '
+        'through camera/play always is)', 0.0, 1.0)
+    turn_salience: float = tunable(
+        0.5, 'Salience a perceived keyframe that found something (a detection, or motion onset) '
+        'needs to start a turn of its own (Response.modality "vision")', 0.0, 1.0)
+    min_turn_period_s: float = tunable(
+        30.0, 'Shortest interval between two vision turns of one camera; events in between are '
+        'only kept as context', 0.0, 86400.0, unit='s')
+    context_s: float = tunable(
+        60.0, 'How long what a camera reported is given to language goals as recent context '
+        '(0: never)', 0.0, 86400.0, unit='s')
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -146,6 +196,8 @@ class KernelConfig:
     salience: SalienceParams = field(default_factory=SalienceParams)
     weights: SalienceWeights = field(default_factory=SalienceWeights)
     trust: TrustParams = field(default_factory=TrustParams)
+    hearing: HearingParams = field(default_factory=HearingParams)
+    vision: VisionParams = field(default_factory=VisionParams)
 
     def __post_init__(self) -> None:
         check_policies(self.states)
@@ -154,7 +206,8 @@ class KernelConfig:
 # Parameter name prefix -> KernelConfig attribute. States are 'states.<wake|focus|...>.'.
 CONFIG_GROUPS: Tuple[Tuple[str, str], ...] = (
     ('', 'kernel'), ('atp.', 'atp'), ('routing.', 'routing'), ('metabolism.', 'metabolism'),
-    ('salience.weights.', 'weights'), ('salience.', 'salience'), ('trust.', 'trust'))
+    ('salience.weights.', 'weights'), ('salience.', 'salience'), ('trust.', 'trust'),
+    ('hearing.', 'hearing'), ('vision.', 'vision'))
 
 
 STATES_PREFIX = 'states.'
@@ -398,6 +451,7 @@ class Kernel:
         self._failures = 0
         self._last_failure_at = -math.inf
         self._last_served: Dict[str, float] = {}
+        self._heard: Set[str] = set()      # sources that sent utterances (audio)
         self.observations_total = 0
         self.dispatches_total = 0
         self.rejected_total = 0
@@ -469,17 +523,24 @@ class Kernel:
 
     # ---- observe -------------------------------------------------------------------------------
     def observe(self, sensor_id: str, raw: Union[str, Observation], now: float,
-                observation_id: str = '') -> Observed:
+                observation_id: str = '', turn_id: int = 0) -> Observed:
         """Sanitise and score one observation and queue it; `cycle` decides what happens.
         Each source (`sensor_id`) is scored against its own history and trusted on its own;
-        `observation_id` is the sender's id ('' = '<source>/<turn>')."""
+        `observation_id` is the sender's id ('' = '<source>/<turn>'). An observation without
+        text (audio, image features) is scored and not queued. `turn_id` continues a turn
+        already observed (what the perception block heard or saw in it): its words are scored
+        and queued under that turn's id."""
         self._tick(now)
-        turn = self._next_turn
-        self._next_turn += 1
-        self.observations_total += 1
+        turn = turn_id
+        if not turn_id:
+            turn = self._next_turn
+            self._next_turn += 1
+            self.observations_total += 1
         state = self.state.value
         oid = observation_id or f'{sensor_id}/{turn}'
         obs = Observation(text=raw, t=now) if isinstance(raw, str) else raw
+        if obs.modality == 'audio':
+            self._heard.add(sensor_id)
         self.trust.touch(sensor_id, KIND_SENSOR, now)
 
         def reject(reason: str, text: str = '', score: Optional[SalienceScore] = None
@@ -524,6 +585,29 @@ class Kernel:
                 f'this was the least salient ({victim.score.total:.2f}){why}',
                 victim.score.total, victim.state, victim.observation_id)))
         return Observed(turn, sensor_id, text, score, None, state, oid)
+
+    def is_person(self, source: str) -> bool:
+        """A person talks through this source: one of `people`, or an audio source that
+        `hearing.people` names (its transcripts are turns of that source)."""
+        return self.config.kernel.is_person(source) or (
+            source in self._heard and self.config.hearing.is_person(source))
+
+    # ---- perception ----------------------------------------------------------------------------
+    def reserve_perception(self, now: float) -> Optional[float]:
+        """Reserve one run (`atp.per_run`) for a perception goal; None when the available ATP
+        cannot pay for it (the sample waits, "ATP short")."""
+        self._tick(now)
+        need = self.config.atp.per_run
+        if self.ledger.available < need:
+            return None
+        return self.ledger.reserve(need)
+
+    def settle_perception(self, grant: float, started: bool, now: float) -> float:
+        """Settle a perception goal's grant: one run is charged when the block ran it, nothing
+        when it never reached the block; returns what was charged."""
+        self._tick(now)
+        charged, _ = self.ledger.settle(grant, self.config.atp.per_run if started else 0.0)
+        return charged
 
     def waiting_reason(self) -> str:
         """Why an observation that needs a conversation block cannot be served now."""
@@ -645,7 +729,7 @@ class Kernel:
         for p in sorted(self.pending.values(), key=lambda p: p.turn_id):
             if not policy.accepts(p.sensor_id):
                 reasons[p.turn_id] = f'{state} does not accept sensor {p.sensor_id!r}'
-            elif policy.person_targets and self.config.kernel.is_person(p.sensor_id) and (
+            elif policy.person_targets and self.is_person(p.sensor_id) and (
                     p.score.total < policy.min_salience or policy.max_targets == 0):
                 people.append(p)
             elif p.score.total < policy.min_salience:
@@ -784,7 +868,7 @@ class Kernel:
         are appended last, so an ATP shortage drops them first (with that reason)."""
         state = self.state.value
         limit = policy.person_targets
-        running = sum(1 for d in self.active.values() if self.config.kernel.is_person(d.sensor_id))
+        running = sum(1 for d in self.active.values() if self.is_person(d.sensor_id))
         picked = 0
         for p in people:
             if running + picked >= limit:

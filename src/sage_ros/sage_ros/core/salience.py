@@ -11,12 +11,18 @@ the running graph, a hashing embedder where no model is wanted), a compact featu
 - novelty: 1 - the best similarity to what this sensor has seen (cosine for text embeddings,
   relative distance for feature vectors); 1 for a sensor's first observation.
 - arousal: intensity (capitals, '!', length for text; log-magnitude for features) placed in the
-  sensor's intensity history the same way.
+  sensor's intensity history the same way; for a sensor that reports motion (a camera), at
+  least its motion spike: how far the motion is above the sensor's own recent motion.
 - reward: the value of outcomes of similar past observations, shrunk toward the sensor's mean
   outcome; exactly 0.5 until the sensor has any outcome.
-- conflict: the larger of (a) disagreement between sensors observed close in time, measured as
+- conflict: the largest of (a) disagreement between sensors observed close in time, measured as
   an unexpected gap between their surprises (sensors watching one world usually move together),
-  and (b) disagreement of past outcomes for observations like this one (mixed evidence).
+  (b) disagreement of past outcomes for observations like this one (mixed evidence), and (c)
+  content against a sensor: words asserting that all is calm ("all clear", "nothing here",
+  "no one is here"; `calm_assertion`) while another sensor's motion spikes (a camera's motion
+  far above its own recent level; `Observation.motion`), both within `conflict_window_s`. The
+  rule is symmetric: whichever of the two is scored second carries the conflict, so the speech
+  heard during motion, and the frames that keep moving after the words, are both marked.
 
 The weighted total uses weights that adapt from outcomes (bounded, normalised, exportable for
 persistence); the score also carries a confidence and a cognitive stance.
@@ -25,6 +31,7 @@ persistence); the score also carries a confidence and a cognitive stance.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,6 +82,9 @@ class Observation:
     features: Tuple[float, ...] = ()
     t: float = 0.0          # [s] when it was observed (for cross-sensor conflict)
     modality: str = 'text'  # 'text', 'audio', 'image', ... (routing uses it)
+    # [0, 1] how much of the scene moved (a camera frame's changed-pixel fraction); None for a
+    # sensor that measures no motion. Only the content-vs-sensor conflict uses it.
+    motion: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,12 @@ class SalienceParams:
         unit='s')
     conflict_alpha: float = tunable(
         0.1, 'EMA rate of the surprise gap expected between two sensors', 0.0, 1.0)
+    motion_min: float = tunable(
+        0.02, 'Motion (changed-pixel fraction) below which a frame is no motion spike: it '
+        'neither arouses nor contradicts words that say all is calm', 0.0, 1.0)
+    motion_sd_floor: float = tunable(
+        0.01, 'Smallest spread of a sensor\'s recent motion used for its motion z-score (the '
+        'spike is that z-score through the surprise logistic)', 1e-6, 1.0)
     conflict_min_outcomes: int = tunable(
         2, 'Similar past outcomes needed before their disagreement counts as conflict', 2,
         1000, unit='outcomes')
@@ -284,6 +300,32 @@ def text_intensity(text: str, p: Optional[SalienceParams] = None) -> float:
             + p.text_length_weight * length) / total
 
 
+# Words that assert nothing is happening: "all clear", "nothing here", "no one is here", "it is
+# quiet", "the coast is clear", "everything is fine". A "not" just before cancels the match.
+_CALM = re.compile(
+    r"\b(?:"
+    r"all(?: is| looks| seems|'s)? (?:clear|calm|quiet|fine|good|ok|okay|well|safe)"
+    r"|(?:the )?coast is clear"
+    r"|nothing(?: is)? (?:here|there|happening|moving|going on|to see|to report|wrong|around)"
+    r"|(?:no ?one|nobody|no body)(?: is|'s)? (?:here|there|around|in (?:here|there|the room))"
+    r"|there(?: is|'s) (?:no ?one|nobody|nothing)(?: here| there| around)?"
+    r"|(?:it|everything|everything here)(?: is|'s) (?:calm|quiet|clear|fine|still|safe|empty)"
+    r"|the (?:room|area|house|hall) is (?:empty|clear|quiet)"
+    r")\b")
+_NEGATED = re.compile(r"\b(?:not|n't|never|isn't|is not)\s*$")
+
+
+def calm_assertion(text: str) -> float:
+    """[0, 1]: how plainly `text` asserts that all is calm, clear or empty (1: it says so,
+    e.g. "all clear", "nothing here", "no one is here"; 0: it does not, or negates it: "it is
+    not all clear"). The content side of the content-vs-sensor conflict."""
+    low = ' '.join(text.lower().replace('\u2019', "'").split())
+    for m in _CALM.finditer(low):
+        if not _NEGATED.search(low[:m.start()]):
+            return 1.0
+    return 0.0
+
+
 class _RelativeScale:
     """Where a value sits in its own recent distribution (with a prior), as a z-score."""
 
@@ -347,6 +389,9 @@ class _Sensor:
     outcome_count: int = 0
     last_t: Optional[float] = None
     last_surprise: float = 0.0
+    motion: Optional[_RelativeScale] = None   # its motion history (sensors that report one)
+    spike: Tuple[float, float] = (0.0, -math.inf)   # (latest motion spike, when)
+    calm: Tuple[float, float] = (0.0, -math.inf)    # (latest calm assertion, when)
 
 
 class SnarcSalience:
@@ -457,9 +502,14 @@ class SnarcSalience:
             arousal = max(arousal, clip01(ch_arousal))
             signature.append((kind, vec))
 
+        spike: Optional[float] = None
+        if observation.motion is not None and math.isfinite(float(observation.motion)):
+            spike = self._motion_spike(s, float(observation.motion))
+            arousal = max(arousal, spike)
         reward, outcome_conflict = self._reward(s, signature)
         conflict = max(outcome_conflict, self._cross_conflict(sensor_id, observation.t, surprise)
-                       if signature else 0.0)
+                       if signature else 0.0,
+                       self._content_conflict(sensor_id, s, observation, spike))
         dims = tuple(clip01(x) for x in (surprise, novelty, arousal, reward, conflict))
         total = clip01(sum(w * d for w, d in zip(self._weights, dims)))
         history = min(1.0, s.seen / p.confidence_history)
@@ -515,6 +565,44 @@ class SnarcSalience:
             if gap > expected:
                 worst = max(worst, (gap - expected) / max(1.0 - expected, 1e-9))
             self._expected_gap[key] = expected + p.conflict_alpha * (gap - expected)
+        return clip01(worst)
+
+    def _motion_spike(self, s: _Sensor, motion: float) -> float:
+        """[0, 1]: how far `motion` is above this sensor's recent motion (its z-score through
+        the surprise logistic); 0 below `motion_min`. Adds it to the history."""
+        p = self.params
+        if s.motion is None:
+            s.motion = _RelativeScale(p.error_window, None, p.motion_sd_floor,
+                                      p.prior_weight, p.motion_sd_floor)
+        m = clip01(motion)
+        spike = 0.0
+        if m >= p.motion_min:
+            spike = _logistic(s.motion.z(m), p.surprise_z_center, p.surprise_z_slope)
+        s.motion.add(m)
+        return spike
+
+    def _content_conflict(self, sensor_id: str, s: _Sensor, obs: Observation,
+                          spike: Optional[float]) -> float:
+        """Words that say all is calm against another sensor's motion spike (or the reverse)
+        within `conflict_window_s`: the calm assertion times the spike (`spike`: this
+        observation's, None without motion). Records this observation's own calm assertion and
+        spike for the sensors scored after it."""
+        t = obs.t
+        if not math.isfinite(t):
+            return 0.0
+        window = self.params.conflict_window_s
+        worst = 0.0
+        if spike is not None:
+            s.spike = (spike, t)
+            calm = max((o.calm[0] for k, o in self._sensors.items()
+                        if k != sensor_id and abs(t - o.calm[1]) <= window), default=0.0)
+            worst = max(worst, spike * calm)
+        if obs.text:
+            calm = calm_assertion(obs.text)
+            s.calm = (calm, t)
+            spike = max((o.spike[0] for k, o in self._sensors.items()
+                         if k != sensor_id and abs(t - o.spike[1]) <= window), default=0.0)
+            worst = max(worst, calm * spike)
         return clip01(worst)
 
     def _stance(self, dims: Tuple[float, ...], total: float) -> str:

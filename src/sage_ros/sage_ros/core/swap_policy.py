@@ -14,6 +14,11 @@ Per request the policy chooses one of:
   smaller one), or because the requested role does not fit in memory;
 - REFUSE: the role does not fit in memory and nothing resident can stand in; the caller falls
   back to another role.
+
+Model kinds: `max_resident` and the keep_resident sharing rule concern chat models only (a
+speech, vision or embedding model loads beside them); every model counts toward the memory
+budget and the free memory, so a load that does not fit evicts the least valuable models of any
+kind. Only a chat model stands in for a chat model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 GIB = float(1 << 30)
+CHAT = 'chat'   # the kind `max_resident` counts (inference.KIND_CHAT)
 
 # Weights of a resident model's value when choosing what to evict (least valuable first).
 # keep_resident dominates, then capability, recency and use count.
@@ -33,6 +39,9 @@ RECENCY_WEIGHT = 1.0
 RECENCY_TIME_S = 300.0     # [s] a model idle this long has lost ~63 % of its recency value
 USES_WEIGHT = 0.5
 USES_SATURATION = 100      # uses beyond this add nothing
+# A model that is running now is evicted only after its run ends (the load waits), so idle models
+# of similar value go first; keep_resident still outweighs it.
+RUNNING_WEIGHT = 2.0
 
 # How much one request of each complexity counts toward swapping a bigger model out.
 # A moderate request gains more from the bigger model, so it counts less; complex never counts.
@@ -63,6 +72,7 @@ class RoleInfo:
     priority: int              # capability rank: higher = more capable
     keep_resident: bool        # may stay resident next to other keep_resident models
     need_bytes: int            # memory it takes once loaded (measured before, else estimated)
+    kind: str = CHAT
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ class ResidentInfo:
     loaded_at: float
     last_used: float
     uses: int
+    kind: str = CHAT
+    running: bool = False      # a call is running it (or waiting to): evicting it means waiting
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class MemoryPlan:
     fits: bool
     evict: Tuple[str, ...]     # roles to unload first, least valuable first ('' if none)
     reason: str                # why it does not fit ('' if it does)
+    why: Tuple[str, ...] = ()  # per evicted role: why it must go
+    for_memory: Tuple[str, ...] = ()   # the evicted roles that go for memory (budget, free)
 
 
 @dataclass(frozen=True)
@@ -115,32 +129,39 @@ class Decision:
 
 
 def resident_value(r: ResidentInfo, now: float, max_priority: int) -> float:
-    """How much keeping `r` resident is worth: keep_resident, capability, recency, use count."""
+    """How much keeping `r` resident is worth: keep_resident, capability, recency, use count,
+    and whether it is running now (evicting it would wait for its run)."""
     recency = math.exp(-max(0.0, now - r.last_used) / RECENCY_TIME_S)
     uses = math.log1p(min(r.uses, USES_SATURATION)) / math.log1p(USES_SATURATION)
     priority = r.priority / max_priority if max_priority > 0 else 0.0
     return (KEEP_RESIDENT_WEIGHT * r.keep_resident + PRIORITY_WEIGHT * priority
-            + RECENCY_WEIGHT * recency + USES_WEIGHT * uses)
+            + RECENCY_WEIGHT * recency + USES_WEIGHT * uses + RUNNING_WEIGHT * r.running)
 
 
 def plan_memory(target: RoleInfo, residents: Sequence[ResidentInfo], memory: MemoryState,
                 now: float) -> MemoryPlan:
-    """What to evict so `target` fits: models that may not share residency first, then the least
-    valuable ones until `max_resident`, the budget and the free memory (minus the reserve) allow
-    the load. Nothing is evicted when even evicting everything would not be enough."""
+    """What to evict so `target` fits: chat models that may not share residency with a chat
+    target first, then the least valuable chat models until `max_resident` allows it, then the
+    least valuable models of any kind until the budget and the free memory (minus the reserve)
+    allow the load. Nothing is evicted when even evicting everything would not be enough."""
     others = [r for r in residents if r.role != target.role]
     if memory.budget_bytes and target.need_bytes > memory.budget_bytes:
         return MemoryPlan(False, (), f'role {target.role!r} needs {gib(target.need_bytes)}, more '
                                      f'than the whole memory budget ({gib(memory.budget_bytes)})')
-    must_go = [r for r in others if not (target.keep_resident and r.keep_resident)]
+    chat_target = target.kind == CHAT
+    must_go = [r for r in others if chat_target and r.kind == CHAT
+               and not (target.keep_resident and r.keep_resident)]
     max_priority = max([r.priority for r in others] + [target.priority, 1])
     kept = sorted((r for r in others if r not in must_go),
                   key=lambda r: resident_value(r, now, max_priority))
     evicted: List[ResidentInfo] = list(must_go)
+    why: List[str] = [f'{target.role!r} and {r.role!r} may not be resident together'
+                      for r in must_go]
 
-    def shortfall() -> str:
-        if len(kept) + 1 > memory.max_resident:
-            return f'max_resident is {memory.max_resident}'
+    def over_count() -> bool:
+        return chat_target and sum(r.kind == CHAT for r in kept) + 1 > memory.max_resident
+
+    def short_of_memory() -> str:
         used = sum(r.memory_bytes for r in kept)
         if memory.budget_bytes and used + target.need_bytes > memory.budget_bytes:
             return (f'{gib(used)} resident + {gib(target.need_bytes)} exceeds the budget of '
@@ -153,14 +174,22 @@ def plan_memory(target: RoleInfo, residents: Sequence[ResidentInfo], memory: Mem
                         f'{gib(memory.reserve_bytes)} in reserve)')
         return ''
 
-    why = shortfall()
-    while why and kept:
+    while over_count():
+        victim = next(r for r in kept if r.kind == CHAT)   # least valuable chat model
+        kept.remove(victim)
+        evicted.append(victim)
+        why.append(f'max_resident is {memory.max_resident}')
+    short = short_of_memory()
+    for_memory: List[str] = []
+    while short and kept:
         evicted.append(kept.pop(0))
-        why = shortfall()
-    if why:
+        for_memory.append(evicted[-1].role)
+        why.append(short)
+        short = short_of_memory()
+    if short:
         return MemoryPlan(False, (), f'role {target.role!r} needs {gib(target.need_bytes)} but '
-                                     f'{why}')
-    return MemoryPlan(True, tuple(r.role for r in evicted), '')
+                                     f'{short}')
+    return MemoryPlan(True, tuple(r.role for r in evicted), '', tuple(why), tuple(for_memory))
 
 
 class SwapPolicy:
@@ -224,9 +253,9 @@ class SwapPolicy:
     def _stand_in(self, requested: RoleInfo, residents: Sequence[ResidentInfo]
                   ) -> Optional[ResidentInfo]:
         """The least capable resident model that is more capable than the one requested."""
-        if not self.config.substitute:
+        if not self.config.substitute or requested.kind != CHAT:
             return None
-        better = [r for r in residents if r.priority > requested.priority]
+        better = [r for r in residents if r.kind == CHAT and r.priority > requested.priority]
         if not better:
             return None
         return min(better, key=lambda r: (r.priority, -r.last_used))

@@ -6,11 +6,15 @@ goals, cancels and messages, and logs. A cycle runs at `cycle_rate_hz` and after
 observation.
 
 Observations come typed on `observations/text` (the sender's id and source) or bare on
-`text_in` (source 'text', id '<source>/<turn>'); every answer carries both. The graph is ready
-(`KernelState.ready`) when a conversation block beats ready on `heartbeat` and its action server
-is reachable; until then observations wait. A block whose heartbeat stops (killed, hung) or
-whose instance changes (restarted) fails its running goals at once and counts as not loaded
-until it beats ready again.
+`text_in` (source 'text', id '<source>/<turn>'); every answer carries both. Utterances on
+`observations/audio` and frames on `observations/vision` are scored on their features, sent to
+the perception block when they deserve it, published as percepts on `percepts`, and turned into
+language turns (Response.modality 'speech' or 'vision'); `kernel_perception.PerceptionDesk`
+does that part, and recent visual descriptions go to every language goal as its `context`.
+The graph is ready (`KernelState.ready`) when a conversation block beats ready on `heartbeat`
+and its action server is reachable; until then observations wait. A block whose heartbeat stops
+(killed, hung) or whose instance changes (restarted) fails its running goals at once and counts
+as not loaded until it beats ready again.
 
 Sessions: the kernel owns the robot's session (`core.memory.store.MemoryStore`, on the same
 SQLite file as trust and weights), kept by `kernel_sessions.SessionKeeper`. At start it closes
@@ -53,8 +57,9 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
 from sage_interfaces.action import Language, Memory, Perception, Reasoning
-from sage_interfaces.msg import (BlockDescription, KernelState, MemoryStatus, Response,
-                                 ResponseChunk, Salience, TextObservation, TrustLevel)
+from sage_interfaces.msg import (AudioObservation, BlockDescription, KernelState, MemoryStatus,
+                                 Percept, Response, ResponseChunk, Salience, TextObservation,
+                                 TrustLevel, VisualObservation)
 from sage_interfaces.srv import EndSession, Sleep
 from std_msgs.msg import String
 
@@ -72,6 +77,7 @@ from ..core.salience import SalienceScore, SnarcSalience, ngram_embedder
 from ..core.store import resolve_state_file
 from .common import (LATCHED, LATCHED_MANY, OBSERVATIONS_IN, RELIABLE, ConfigError, declare,
                      declare_router, run_node)
+from .kernel_perception import PerceptionDesk
 from .kernel_sessions import (STATUS_CANCELLED, STATUS_EXPIRED, STATUS_FAILED, STATUS_OK,
                               STATUS_REJECTED, SessionKeeper, declare_session_parameters)
 from .liveness import HeartbeatPublisher, LivenessWatch, declare_liveness_timeout
@@ -229,10 +235,16 @@ class KernelNode(Node):
         self._stream_pub = self.create_publisher(ResponseChunk, names.RESPONSE_STREAM, RELIABLE)
         self._salience_pub = self.create_publisher(Salience, names.SALIENCE, ANSWERS_OUT)
         self._state_pub = self.create_publisher(KernelState, names.STATE, LATCHED)
+        self._percept_pub = self.create_publisher(Percept, names.PERCEPTS, RELIABLE)
+        self._perception = PerceptionDesk(self)
         self.create_subscription(String, names.TEXT_IN, self._on_text, OBSERVATIONS_IN,
                                  callback_group=self._group)
         self.create_subscription(TextObservation, names.OBSERVATIONS_TEXT, self._on_observation,
                                  OBSERVATIONS_IN, callback_group=self._group)
+        self.create_subscription(AudioObservation, names.OBSERVATIONS_AUDIO, self._on_audio,
+                                 RELIABLE, callback_group=self._group)
+        self.create_subscription(VisualObservation, names.OBSERVATIONS_VISION, self._on_vision,
+                                 RELIABLE, callback_group=self._group)
         self.create_subscription(BlockDescription, names.BLOCKS_DESCRIPTION, self._on_block,
                                  LATCHED_MANY, callback_group=self._group)
         self.create_subscription(MemoryStatus, names.MEMORY_STATUS, self._on_memory_status,
@@ -257,8 +269,10 @@ class KernelNode(Node):
         self.create_service(EndSession, names.SESSION_END, self._on_end_session,
                             callback_group=self._end_group)
         self.get_logger().info(
-            f'kernel listening on {self.resolve_topic_name(names.OBSERVATIONS_TEXT)} and '
-            f'{self.resolve_topic_name(names.TEXT_IN)}, {self.core.state.value}, ATP '
+            f'kernel listening on {self.resolve_topic_name(names.OBSERVATIONS_TEXT)}, '
+            f'{self.resolve_topic_name(names.TEXT_IN)}, '
+            f'{self.resolve_topic_name(names.OBSERVATIONS_AUDIO)} and '
+            f'{self.resolve_topic_name(names.OBSERVATIONS_VISION)}, {self.core.state.value}, ATP '
             f'{self.core.ledger.level:.0f}/{self.core.ledger.capacity:.0f}, session '
             f'{self.session.number}, state in '
             f'{path or "memory only (state_file none: sessions are not kept)"}')
@@ -320,6 +334,13 @@ class KernelNode(Node):
 
     def _publish_answer(self, msg: Response, status: str) -> None:
         """Journal the finished turn (durably), then publish its Response."""
+        info = self._perception.turn_info(msg.turn_id)
+        if info is not None:      # a turn that began as speech or a visual event
+            msg.modality, msg.perception_s = info.modality, float(info.perception_s)
+            msg.audio_duration_s = float(info.audio_duration_s)
+            self._perception.forget(msg.turn_id)
+        elif not msg.modality:
+            msg.modality = 'text'
         self._sessions.journal(msg, status)
         self._response_pub.publish(msg)
 
@@ -427,6 +448,10 @@ class KernelNode(Node):
             return False, f'the {desc.name} block is not reachable on {desc.action_name}'
         return True, ''
 
+    def why_not_serving(self, desc: BlockDescriptor) -> str:
+        """Why a known block does not serve now ('' = it does)."""
+        return self._block_status(desc)[1]
+
     def _refresh_readiness(self, force: bool = False) -> None:
         """Blocks count as loaded while they beat ready and their server is reachable; the
         graph is ready when such a block offers conversation. Publishes state on a change."""
@@ -474,7 +499,8 @@ class KernelNode(Node):
 
     def _beat_status(self) -> Tuple[bool, str, int, int]:
         """The kernel's heartbeat: ready as `state` says, goals running and waiting."""
-        return self.ready, self.ready_reason, len(self.core.active), len(self.core.pending)
+        return (self.ready, self.ready_reason, len(self.core.active) + self._perception.busy,
+                len(self.core.pending) + self._perception.waiting)
 
     @_locked
     def _on_gone(self, beat: Beat) -> None:
@@ -504,6 +530,7 @@ class KernelNode(Node):
                     keep: Callable[[int], bool] = lambda turn: False) -> None:
         """Fail every goal running on `block` now (but those `keep` names): no result will
         come from a dead process."""
+        self._perception.lost(block, reason)
         lost = self.core.block_lost(block, reason, self._now(), keep)
         for x in lost:
             self._goals.pop(x.turn_id, None)     # its server is gone: nothing to cancel
@@ -521,8 +548,17 @@ class KernelNode(Node):
     def _on_observation(self, msg: TextObservation) -> None:
         self._observe(msg.source or TEXT_SENSOR_ID, msg.text, msg.observation_id)
 
-    def _observe(self, source: str, text: str, observation_id: str) -> None:
-        obs = self.core.observe(source, text, self._now(), observation_id)
+    @_locked
+    def _on_audio(self, msg: AudioObservation) -> None:
+        self._perception.on_audio(msg)
+
+    @_locked
+    def _on_vision(self, msg: VisualObservation) -> None:
+        self._perception.on_vision(msg)
+
+    def _observe(self, source: str, text: str, observation_id: str, turn_id: int = 0) -> None:
+        """Observe text (`turn_id`: the words of a turn that began as speech or a frame)."""
+        obs = self.core.observe(source, text, self._now(), observation_id, turn_id)
         if obs.rejection is not None:
             r = obs.rejection
             self.get_logger().warning(f'turn {r.turn_id} ({r.observation_id}) rejected: '
@@ -546,6 +582,7 @@ class KernelNode(Node):
         """One engine cycle; `state` goes out if anything changed (or `publish`)."""
         out = self.core.cycle(self._now())
         self._act_on(out)
+        self._perception.pump(self._now())
         if publish or out.changed:
             self._publish_state()
 
@@ -601,7 +638,8 @@ class KernelNode(Node):
                                   atp_budget=float(d.atp_budget), max_steps=d.max_steps)
         else:
             goal = Language.Goal(turn_id=d.turn_id, text=d.text, complexity=d.complexity.value,
-                                 atp_budget=float(d.atp_budget), max_new_tokens=d.max_new_tokens)
+                                 atp_budget=float(d.atp_budget), max_new_tokens=d.max_new_tokens,
+                                 context=self._perception.context(d.turn_id, self._now()))
         self.get_logger().info(f'turn {d.turn_id} ({d.observation_id}) -> {d.block.name} '
                                f'({d.atp_grant:.1f} ATP, salience {d.salience:.2f}, {d.reason}): '
                                f'{d.text[:60]!r}')

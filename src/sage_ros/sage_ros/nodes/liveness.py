@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import InvalidHandle
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sage_interfaces.msg import Heartbeat
@@ -75,11 +76,14 @@ class HeartbeatPublisher:
     def publish(self) -> None:
         """Send a heartbeat now (also on every change of readiness, so it shows at once)."""
         ready, reason, active, queued = self._status()
-        self._pub.publish(Heartbeat(
-            stamp=self._node.get_clock().now().to_msg(), node=self._fqn,
-            instance_id=self.instance_id, block=self._block, ready=ready,
-            not_ready_reason=reason, goals_active=active, goals_queued=queued,
-            period_s=self.period_s))
+        try:
+            self._pub.publish(Heartbeat(
+                stamp=self._node.get_clock().now().to_msg(), node=self._fqn,
+                instance_id=self.instance_id, block=self._block, ready=ready,
+                not_ready_reason=reason, goals_active=active, goals_queued=queued,
+                period_s=self.period_s))
+        except InvalidHandle:  # a goal that ended while the node was being destroyed
+            pass
 
 
 GoneFn = Callable[[Beat], None]

@@ -1,7 +1,14 @@
 """Memory block node: the `blocks/memory` action over the robot's one SQLite store.
 
 RECALL runs on the language block's response path, so it is one query embedding and one
-indexed search (no queue: STORE, RECALL and FORGET are short and run side by side). Nothing
+indexed search (no queue: STORE, RECALL and FORGET are short and run side by side).
+
+Embeddings (`embedder`): "minilm" runs the offline MiniLM in this process; "model_manager" asks
+the model manager's `embedder_role` entry (the same MiniLM, kept resident there, so the vectors
+are the same and this process does not hold a second copy) through `model_manager/infer`, task
+embed, within `embedder_timeout_s`, and falls back to the in-process MiniLM (said once, with the
+reason) when the model manager is absent, refuses or fails, trying it again after
+`embedder_retry_s`; "ngram" is hashed n-grams, for tests. Nothing
 slow happens on that path: answered turns are turned into memories in the background, from the
 kernel's journal (`MemoryStore.unindexed_turns`), woken by each `response` and polled every
 `index_period_s`: a turn "remember that X" (or "remember: X") becomes a pinned memory X, any
@@ -36,10 +43,12 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
-from sage_interfaces.action import Memory
-from sage_interfaces.msg import BlockDescription, KernelState, MemoryItem, MemoryStatus, Response
+from sage_interfaces.action import Infer, Memory
+from sage_interfaces.msg import (BlockDescription, KernelState, MemoryItem, MemoryStatus,
+                                 ModelStatus, Response)
 
 from .. import names
+from ..core.embeddings import EMBEDDING_DIM
 from ..core.memory.awakening import (DEFAULT_PHASES, Awakening, Phase, awaken, parse_phases)
 from ..core.memory.facts import pinned_request
 from ..core.memory.store import (KINDS, Hit, Memory as StoredMemory, MemoryStore, RecallWeights,
@@ -47,12 +56,158 @@ from ..core.memory.store import (KINDS, Hit, Memory as StoredMemory, MemoryStore
 from ..core.params import param_docs
 from ..core.salience import TextEmbedder, ngram_embedder
 from ..core.store import resolve_state_file, state_dir
+from .action_call import CallError, ThreadSafeActionClient, call_action
 from .common import LATCHED, RELIABLE, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .liveness import HeartbeatPublisher
 
 ACTION_TYPE = 'sage_interfaces/action/Memory'
-EMBEDDERS = ('minilm', 'ngram')
+EMBEDDERS = ('minilm', 'model_manager', 'ngram')
 STOP_WAIT_S = 2.5          # [s] destroy_node waits this long for the workers
+
+
+class RemoteEmbedder:
+    """Embeddings from the model manager's embedding entry (`model_manager/infer`, task embed),
+    with the in-process MiniLM as the fallback: when the model manager is not reachable, refuses,
+    fails or answers late, this call and those of the next `retry_s` embed locally; the switch
+    each way is logged once, with the reason. Callable from any thread (a TextEmbedder)."""
+
+    def __init__(self, node: Node, role: str, timeout_s: float, retry_s: float,
+                 local: Callable[[], TextEmbedder], stopping: threading.Event) -> None:
+        self._node = node
+        self.role = role
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._local_factory = local
+        self._local: Optional[TextEmbedder] = None
+        self._stopping = stopping
+        self._lock = threading.Lock()
+        self._down_until = 0.0          # monotonic: embed locally until then
+        self.fallback_reason = ''       # why the last call embedded locally ('' = it did not)
+        self.remote_calls = 0
+        self.local_calls = 0
+        self.client = ThreadSafeActionClient(node, Infer, names.MODEL_INFER,
+                                             callback_group=ReentrantCallbackGroup())
+        # The model manager's lifecycle state and roles, from its latched status: while it is
+        # not active (configuring at start-up) or has no such role, embed in-process at once.
+        self._manager: Optional[Tuple[str, Tuple[str, ...]]] = None
+        node.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_status, LATCHED,
+                                 callback_group=MutuallyExclusiveCallbackGroup())
+
+    def _on_status(self, msg: ModelStatus) -> None:
+        with self._lock:
+            self._manager = (str(msg.lifecycle_state), tuple(msg.available_roles))
+
+    def unusable(self) -> str:
+        """Why the model manager cannot embed now, from its status ('' = try it)."""
+        with self._lock:
+            manager = self._manager
+        if manager is None:
+            return ''          # no status (yet): the goal itself says whether it is there
+        state, roles = manager
+        if state != 'active':
+            return f'model manager is not active ({state})'
+        if self.role not in roles:
+            return (f'model manager has no role {self.role!r} (roles: '
+                    f'{", ".join(roles) or "none"})')
+        return ''
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        with self._lock:
+            remote = time.monotonic() >= self._down_until
+        if remote:
+            try:
+                problem = self.unusable()
+                if problem:
+                    raise CallError(problem)
+                vectors = self.remote(texts)
+            except CallError as exc:
+                self._fall_back(str(exc))
+            else:
+                self._recovered()
+                return vectors
+        return self.local(texts)
+
+    def remote(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed through the model manager (CallError with the reason if it cannot)."""
+        wrapped = call_action(self.client, Infer.Goal(role=self.role, task='embed',
+                                                      texts=list(texts)),
+                              what='model manager', server_wait_s=0.0,
+                              timeout_s=self.timeout_s, should_stop=self._stopping.is_set,
+                              abandon=self._stopping.is_set)
+        r = wrapped.result
+        if r.error_code != Infer.Result.NONE:
+            raise CallError(f'model manager embed on role {self.role!r} failed: '
+                            f'{r.error_msg or f"error {r.error_code}"}')
+        dim = int(r.dim)
+        if dim != EMBEDDING_DIM or len(r.vectors) != dim * len(texts):
+            raise CallError(f'model manager role {r.role!r} gave {len(r.vectors)} values of '
+                            f'dimension {dim} for {len(texts)} text(s); the memories are '
+                            f'{EMBEDDING_DIM}-dimensional MiniLM vectors')
+        with self._lock:
+            self.remote_calls += 1
+        return np.asarray(r.vectors, dtype=np.float32).reshape(len(texts), dim)
+
+    def warm_up(self, wait_s: float) -> None:
+        """At start: embed once through the model manager, trying for up to `wait_s` (it may be
+        starting, or configuring: not active yet); failing that, fall back and embed in-process
+        (which loads MiniLM now rather than in the first RECALL)."""
+        deadline = time.monotonic() + wait_s
+        reason = 'model manager not reachable'
+        while not self._stopping.is_set():
+            problem = self.unusable()
+            if problem:
+                reason = problem
+            elif self.client.server_is_ready():
+                try:
+                    self.remote(['warm up'])
+                    return
+                except CallError as exc:
+                    reason = str(exc)
+            if time.monotonic() >= deadline:
+                break
+            self._stopping.wait(0.5)
+        if not self._stopping.is_set():
+            self._fall_back(f'{reason} (at start, within {wait_s:g} s)')
+            self.local(['warm up'])
+
+    def local(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed with the in-process MiniLM (loaded on first use)."""
+        with self._lock:
+            if self._local is None:
+                self._local = self._local_factory()
+            embed = self._local
+            self.local_calls += 1
+        return np.asarray(embed(texts), dtype=np.float32)
+
+    def pause_remote(self, seconds: float, reason: str) -> None:
+        """Embed in-process for `seconds` (said once, with `reason`), e.g. to measure that path."""
+        self._fall_back(reason, seconds)
+
+    def resume_remote(self) -> None:
+        """Try the model manager again at the next call."""
+        with self._lock:
+            self._down_until = 0.0
+
+    def _fall_back(self, reason: str, seconds: Optional[float] = None) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + (self.retry_s if seconds is None else seconds)
+            said = self.fallback_reason
+            self.fallback_reason = reason
+        if not said and not self._stopping.is_set():
+            self._node.get_logger().warning(
+                f'embedding with the in-process MiniLM instead of the model manager '
+                f'(role {self.role!r}): {reason}; trying the model manager again every '
+                f'{self.retry_s:g} s')
+
+    def _recovered(self) -> None:
+        with self._lock:
+            was, self.fallback_reason = self.fallback_reason, ''
+        if was:
+            self._node.get_logger().info(f'embedding through the model manager (role '
+                                         f'{self.role!r}) again')
 def _dream() -> Any:
     """`core.memory.dream`, imported when first needed (it is the heaviest part)."""
     return importlib.import_module('sage_ros.core.memory.dream')
@@ -94,12 +249,31 @@ class MemoryBlockNode(Node):
                              "The robot's database; '' = <state dir>/sage.db, 'none' = a "
                              'temporary one, gone at shutdown', read_only=True)
         embedder_name = declare(self, 'embedder', 'minilm',
-                                'Embeddings of memories and queries: "minilm" (offline MiniLM, '
-                                'what the robot uses) or "ngram" (hashed n-grams, for tests)',
+                                'Embeddings of memories and queries: "minilm" (offline MiniLM '
+                                'in this process), "model_manager" (the model manager\'s '
+                                'embedding entry, the same MiniLM; in-process MiniLM when it '
+                                'is absent or fails) or "ngram" (hashed n-grams, for tests)',
                                 read_only=True)
         if embedder_name not in EMBEDDERS:
             raise ConfigError(f'embedder must be one of {", ".join(EMBEDDERS)}, '
                               f'got {embedder_name!r}')
+        embedder_role = declare(self, 'embedder_role', 'embedder',
+                                'embedder model_manager: the model manager entry (kind '
+                                'embedding, MiniLM) that embeds', read_only=True)
+        embedder_timeout_s = declare(self, 'embedder_timeout_s', 3.0,
+                                     'embedder model_manager: longest wait for one embedding '
+                                     'from the model manager before embedding in-process [s]',
+                                     read_only=True, min_value=0.1, max_value=600.0)
+        embedder_retry_s = declare(self, 'embedder_retry_s', 30.0,
+                                   'embedder model_manager: after a failure, embed in-process '
+                                   'this long before trying the model manager again [s]',
+                                   read_only=True, min_value=0.0, max_value=86400.0)
+        self._embedder_wait_s = declare(self, 'embedder_wait_s', 30.0,
+                                        'embedder model_manager: at start, wait this long for '
+                                        'the model manager before embedding in-process [s]',
+                                        read_only=True, min_value=0.0, max_value=3600.0)
+        if embedder_name == 'model_manager' and not embedder_role.strip():
+            raise ConfigError('embedder_role must name a model manager entry')
         self._recall_k = declare(self, 'recall_k', 5, 'Memories a RECALL returns by default, '
                                  'pinned ones not counted [memories]', min_value=1,
                                  max_value=100)
@@ -178,7 +352,7 @@ class MemoryBlockNode(Node):
         self.sleep_params = _declare_tunables(self, SleepTrainingParams, 'sleep_training',
                                               'sleep training')
 
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()     # before the embedder: it watches it
         self._tmp: Optional[tempfile.TemporaryDirectory[str]] = None
         path = resolve_state_file(state_file)
         if path is None:
@@ -187,8 +361,20 @@ class MemoryBlockNode(Node):
         self.bundle_dir = Path(bundle_dir).expanduser() if bundle_dir else \
             (path.parent if state_file.strip() else state_dir()) / 'dreams'
         self._embedder_name = embedder_name
-        self.embedder: TextEmbedder = (ngram_embedder() if embedder_name == 'ngram'
-                                       else self._minilm())
+        self.remote_embedder: Optional[RemoteEmbedder] = None
+        if embedder_name == 'model_manager':
+            from ..core.embeddings import minilm_path
+            try:
+                minilm_path()   # the fallback must exist (and the model manager's entry is it)
+            except Exception as exc:
+                raise ConfigError(f'embedder model_manager: the in-process fallback: '
+                                  f'{exc}') from exc
+            self.remote_embedder = RemoteEmbedder(self, embedder_role.strip(),
+                                                  embedder_timeout_s, embedder_retry_s,
+                                                  self._minilm, self._stopping)
+            self.embedder: TextEmbedder = self.remote_embedder
+        else:
+            self.embedder = ngram_embedder() if embedder_name == 'ngram' else self._minilm()
         try:
             self.store = MemoryStore(path, embedder=self.embedder)
         except Exception as exc:  # a bad path, a newer schema: one line, not a trace
@@ -446,7 +632,10 @@ class MemoryBlockNode(Node):
 
     def _index_loop(self) -> None:
         try:    # load the embedding model now, not in the first RECALL (a turn's time)
-            self.embedder(['warm up'])
+            if self.remote_embedder is not None:
+                self.remote_embedder.warm_up(self._embedder_wait_s)
+            else:
+                self.embedder(['warm up'])
         except Exception as exc:
             self.get_logger().error(f'embeddings unavailable: {exc}')
         while not self._stopping.is_set():

@@ -15,6 +15,17 @@ it is active with a model loaded (or loading for a goal).
 A model entry configured for CUDA loads on the CPU when CUDA is absent (`cpu_fallback`, said
 once per role); `device: auto` means CUDA when available, else the CPU.
 
+Every entry has a kind (`models.<role>.kind`: chat, speech, vision, omni, embedding). Chat
+entries answer `generate`; the others answer `model_manager/infer` (speech to text, face
+detection, an omni pass, embeddings), loaded on first use, or right after the default role at
+configure when listed in `preload` (a preload that fails is a warning, not a failed configure).
+Infer goals have a FIFO of their own (`max_infer_goals`, `infer_concurrency` running at once),
+so a transcription or an embedding never waits behind a long generation: the pool runs
+different models side by side and the same model one call at a time. They share the memory
+budget, eviction and fallback; each is logged in one line with its role, task, load and run seconds and what it
+evicted. A generate goal naming a non-chat role, or an infer goal naming a chat role or a task
+its kind does not serve, is refused with INVALID_INPUT and the reason.
+
 Model entries (`models.<role>.*`), the memory budget and the swap policy may be changed at run
 time (`ros2 param set`): values are validated, and a resident model whose path, dtype or device
 changed is unloaded, then loaded again at once if it serves the default role, else at its next
@@ -38,31 +49,62 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.lifecycle.node import LifecycleNodeMixin
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from sage_interfaces.action import Generate, SwapModel
+from sage_interfaces.action import Generate, Infer, SwapModel
+from sage_interfaces.msg import Detection as DetectionMsg
 from sage_interfaces.msg import LoadedModel, ModelStatus, SwapRecord
 
 from .. import names
 from ..core.conversation import ChatTurn
-from ..core.models import (DTYPE_BYTES, Cancelled, LoadError, LoadProgress,
+from ..core.inference import (KIND_CHAT, KINDS, TASK_KINDS, InferRequest, MediaError)
+from ..core.models import (Cancelled, LoadError, LoadProgress,
                            ModelError, ModelPool, ModelSpec, ProgressFn, SwapEvent, UnknownRole,
-                           available_memory, inspect_weights, locate_model_dir, resolve_device)
+                           available_memory, locate_model_dir, resolve_device)
 from ..core.store import StateStore, resolve_state_file
 from ..core.swap_policy import GIB, PolicyConfig, SwapPolicy
 from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher
 
-ENTRY_FIELDS = ('model_id', 'path', 'dtype', 'device', 'max_new_tokens', 'context_window',
-                'keep_resident', 'priority', 'fallback', 'adapter')
+ENTRY_FIELDS = ('kind', 'model_id', 'path', 'dtype', 'device', 'max_new_tokens',
+                'context_window', 'keep_resident', 'priority', 'fallback', 'adapter')
+# The dtype an entry of each kind loads with unless configured (speech: a CTranslate2 compute
+# type; vision: ignored).
+DEFAULT_DTYPE = {'chat': 'bfloat16', 'omni': 'bfloat16', 'embedding': 'float32',
+                 'speech': 'int8', 'vision': 'float32'}
+SPEECH_RATE = 16000   # [Hz] what the speech runners take
+# CTranslate2 compute types a CPU runs; a speech entry for CUDA that loads on the CPU
+# (cpu_fallback) with another one uses int8.
+SPEECH_CPU_TYPES = frozenset({'int8', 'int8_float32', 'float32', 'default'})
 NO_FALLBACK = 'none'
 STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
 
 
 def default_fallback(roles: List[str], role: str) -> List[str]:
     """The roles below `role` (nearest first), then the ones above: a smaller model is the
-    likelier to fit when a bigger one cannot be used."""
+    likelier to fit when a bigger one cannot be used. `roles` are those of `role`'s kind."""
     i = roles.index(role)
     return list(reversed(roles[:i])) + roles[i + 1:] or [NO_FALLBACK]
+
+
+def infer_request(goal: Infer.Goal) -> InferRequest:
+    """An Infer goal's media decoded into an InferRequest; MediaError says what is wrong."""
+    from ..core.perception.audio import from_pcm16, resample
+    from ..core.perception.image import decode_image
+    audio = None
+    rate = int(goal.sample_rate)
+    if len(goal.audio):
+        if rate <= 0:
+            raise MediaError('audio given with sample_rate 0')
+        audio = from_pcm16(bytes(goal.audio))
+        if goal.task in ('transcribe', 'omni') and rate != SPEECH_RATE:
+            audio, rate = resample(audio, rate, SPEECH_RATE), SPEECH_RATE
+    image = None
+    if goal.image_format or len(goal.image_data):
+        image = decode_image(goal.image_format, int(goal.width), int(goal.height),
+                             bytes(goal.image_data))
+    return InferRequest(task=goal.task, audio=audio, sample_rate=rate or SPEECH_RATE,
+                        image=image, prompt=goal.prompt, texts=tuple(goal.texts),
+                        respond=bool(goal.respond), max_new_tokens=int(goal.max_new_tokens))
 
 
 def record_msg(e: SwapEvent) -> SwapRecord:
@@ -103,6 +145,9 @@ class ModelManagerNode(LifecycleNode):
         if self._default_role not in self._roles:
             raise ConfigError(f'default_role {self._default_role!r} is not one of the roles '
                               f'{self._roles}')
+        if self._kinds[self._default_role] != KIND_CHAT:
+            raise ConfigError(f'default_role {self._default_role!r} is a '
+                              f'{self._kinds[self._default_role]} entry; it must be a chat one')
         state_file = resolve_state_file(self._p('state_file'))
         try:
             self._store = StateStore(state_file) if state_file is not None else None
@@ -116,11 +161,16 @@ class ModelManagerNode(LifecycleNode):
         self._status_pub = self.create_publisher(ModelStatus, names.MODELS_STATUS, LATCHED)
         self._last_ready: Optional[Tuple[bool, str]] = None
         self._heartbeat = HeartbeatPublisher(self, '', self._liveness)
-        # Generate and swap share one FIFO, one goal at a time; their goal requests are handled
-        # in one mutually exclusive group, which keeps the max_goals count exact.
+        # Generate and swap share one FIFO, one goal at a time; infer has its own (a short
+        # transcription or embedding must not wait behind a long generation). Goal requests
+        # are handled in one mutually exclusive group, which keeps the counts exact.
         self.queue = GoalQueue('model manager', lambda: int(self._p('max_goals')), self._dropped,
                                concurrency=1, on_change=self._heartbeat.publish)
-        self.queue.close('model manager is not active')
+        self.infer_queue = GoalQueue('model manager infer', lambda: int(self._p('max_infer_goals')),
+                                     self._dropped, concurrency=int(self._p('infer_concurrency')),
+                                     on_change=self._heartbeat.publish)
+        for queue in (self.queue, self.infer_queue):
+            queue.close('model manager is not active')
         group = MutuallyExclusiveCallbackGroup()
         self._generate = ActionServer(
             self, Generate, names.MODEL_GENERATE,
@@ -132,6 +182,12 @@ class ModelManagerNode(LifecycleNode):
             self, SwapModel, names.MODEL_SWAP, execute_callback=self.queue.wrap(self._execute_swap),
             goal_callback=self._on_goal, handle_accepted_callback=self.queue.handle_accepted,
             cancel_callback=self.queue.cancel_callback, callback_group=group,
+            result_timeout=RESULT_KEEP_S)
+        self._infer = ActionServer(
+            self, Infer, names.MODEL_INFER,
+            execute_callback=self.infer_queue.wrap(self._execute_infer),
+            goal_callback=self._on_goal, handle_accepted_callback=self.infer_queue.handle_accepted,
+            cancel_callback=self.infer_queue.cancel_callback, callback_group=group,
             result_timeout=RESULT_KEEP_S)
         self._publish_status()
         if self._p('autostart'):
@@ -164,13 +220,26 @@ class ModelManagerNode(LifecycleNode):
             self, 'roles', ['small', 'large'],
             'Model roles, least capable first (the order gives the default priority and '
             'fallback)', read_only=True)
+        self._kinds: Dict[str, str] = {}
+        for role in self._roles:
+            kind = declare(self, f'models.{role}.kind', KIND_CHAT,
+                           f'What the {role} model is: {", ".join(KINDS)} (chat entries answer '
+                           'generate, the others infer)', read_only=True)
+            if kind not in KINDS:
+                raise ConfigError(f'models.{role}.kind: {kind!r} is not one of '
+                                  f'{", ".join(KINDS)}')
+            self._kinds[role] = kind
         for i, role in enumerate(self._roles):
             m = f'models.{role}.'
+            kind = self._kinds[role]
+            same_kind = [r for r in self._roles if self._kinds[r] == kind]
             declare(self, m + 'model_id', role, f'Name of the {role} model')
-            declare(self, m + 'path', '', f'Directory (or `offline:NAME`, or a hub id in the '
-                    f'local cache) of the {role} model')
-            declare(self, m + 'dtype', 'bfloat16',
-                    f'torch dtype to load with ({", ".join(DTYPE_BYTES)})')
+            declare(self, m + 'path', '', f'Directory (or `offline:NAME`, `package:PKG/dir`, '
+                    f'`opencv:FILE`, or a hub id in the local cache) of the {role} model')
+            declare(self, m + 'dtype', DEFAULT_DTYPE[kind],
+                    'Precision to load with: torch dtype (float32, float16, bfloat16) for chat, '
+                    'omni and embedding entries; CTranslate2 compute type (int8, int8_float32, '
+                    'int8_float16, float16, float32, default) for speech; ignored for vision')
             declare(self, m + 'device', 'cpu', 'torch device (cpu, cuda, cuda:N, mps, or auto = '
                     'cuda when available, else cpu)')
             declare(self, m + 'max_new_tokens', 128,
@@ -184,19 +253,30 @@ class ModelManagerNode(LifecycleNode):
                     'Capability rank, higher = more capable; a resident model of higher '
                     'priority may answer for this role instead of a swap', min_value=0,
                     max_value=1000)
-            declare(self, m + 'fallback', default_fallback(self._roles, role),
+            declare(self, m + 'fallback', default_fallback(same_kind, role),
                     f'Roles tried in order when the {role} model cannot be used '
-                    f'([{NO_FALLBACK}] = none)')
+                    f'([{NO_FALLBACK}] = none; by default the other entries of its kind)')
             declare(self, m + 'adapter', '',
                     'LoRA adapter merged into the weights after each load: "" = none, '
                     '"latest" = the current sleep-trained adapter of this model (the base '
                     'model until one exists), or a directory; a missing or broken adapter '
                     'loads the base model with a warning')
         self._default_role: str = declare(self, 'default_role', 'small',
-                                          'Role loaded on configure', read_only=True)
+                                          'Role loaded on configure (a chat entry)',
+                                          read_only=True)
+        self._preload: List[str] = [r for r in declare(
+            self, 'preload', [NO_FALLBACK],
+            'Roles loaded right after the default role at configure (e.g. [speech, vision]); '
+            f'the others load on first use ([{NO_FALLBACK}] = none); a failed preload is a '
+            'warning', read_only=True) if r != NO_FALLBACK]
+        unknown = [r for r in self._preload if r not in self._roles]
+        if unknown:
+            raise ConfigError(f'preload: {unknown} are not configured roles '
+                              f'({", ".join(self._roles)})')
         declare(self, 'autostart', True,
                 'Configure and activate on start-up, without a lifecycle manager', read_only=True)
-        declare(self, 'max_resident', 1, 'Models kept resident at once', min_value=1,
+        declare(self, 'max_resident', 1, 'Chat models kept resident at once (other kinds '
+                'count only against the memory budget)', min_value=1,
                 max_value=16)
         declare(self, 'memory_budget_gib', 0.0,
                 'Memory for resident models [GiB]; 0 = no budget', min_value=0.0,
@@ -221,6 +301,12 @@ class ModelManagerNode(LifecycleNode):
         declare(self, 'max_goals', 4,
                 'Generate and swap goals running or waiting at once (one runs, the others wait '
                 'in FIFO order holding no thread); more are refused', min_value=1, max_value=64)
+        declare(self, 'max_infer_goals', 8,
+                'Infer goals running or waiting at once, in a FIFO of their own (they never wait '
+                'behind a generation); more are refused', min_value=1, max_value=64)
+        declare(self, 'infer_concurrency', 2,
+                'Infer goals run at once (different models side by side; one model serves one '
+                'call at a time)', read_only=True, min_value=1, max_value=8)
         declare(self, 'cpu_fallback', True,
                 'A model entry configured for CUDA loads on the CPU when CUDA is not available '
                 '(said once per role); false = such a role fails to load', read_only=True)
@@ -257,6 +343,11 @@ class ModelManagerNode(LifecycleNode):
         values.update(override or {})
         if values['device'] == 'auto' or str(values['device']).startswith('cuda'):
             device, note = resolve_device(values['device'], self._p('cpu_fallback'))
+            if device == 'cpu' and values['kind'] == 'speech' and \
+                    values['dtype'] not in SPEECH_CPU_TYPES:
+                gpu_only = f'compute type {values["dtype"]} is GPU-only: int8 on the CPU'
+                note = f'{note}; {gpu_only}' if note else gpu_only
+                values['dtype'] = 'int8'
             if note and override is None and role not in self._device_notes:
                 self._device_notes.add(role)
                 self.get_logger().warning(f'role {role!r}: {note}')
@@ -268,6 +359,11 @@ class ModelManagerNode(LifecycleNode):
         if unknown:
             raise ValueError(f'models.{role}.fallback: {unknown} are not other configured roles '
                              f'({", ".join(self._roles)})')
+        chat = values['kind'] == KIND_CHAT
+        mixed = [r for r in fallback if (self._kinds[r] == KIND_CHAT) != chat]
+        if mixed:
+            raise ValueError(f'models.{role}.fallback: {mixed} cannot stand in for a '
+                             f'{values["kind"]} entry (chat and non-chat entries do not mix)')
         return ModelSpec(role=role, fallback=fallback, **values)
 
     def _specs(self) -> Dict[str, ModelSpec]:
@@ -299,8 +395,8 @@ class ModelManagerNode(LifecycleNode):
             role, field_name = parts[1], parts[2]
             try:
                 spec = self._spec(role, {field_name: p.value})
-                if field_name == 'path':
-                    locate_model_dir(spec)
+                if field_name == 'path' and self._kinds[role] == KIND_CHAT:
+                    locate_model_dir(spec)   # other kinds' files are checked by their load
             except (ValueError, ModelError) as exc:
                 return SetParametersResult(successful=False, reason=f'{p.name}: {exc}')
         return SetParametersResult(successful=True)
@@ -394,6 +490,8 @@ class ModelManagerNode(LifecycleNode):
             self._check_loadable(pool)
         except (ModelError, ValueError) as exc:
             return self._configure_failed(str(exc))
+        for problem in pool.import_libraries():
+            self.get_logger().warning(f'{problem}; its roles cannot load')
         self._error = ''
         pool.listeners.append(self._publish_status)
         pool.progress_listeners.append(self._on_load_progress)
@@ -409,7 +507,28 @@ class ModelManagerNode(LifecycleNode):
             return self._configure_failed(error or 'no model loaded')
         self._state_label = 'inactive'
         self._publish_status()
+        if self._preload:
+            self._submit(lambda: self._load_preload(pool, cancel))
         return TransitionCallbackReturn.SUCCESS
+
+    def _load_preload(self, pool: ModelPool, cancel: threading.Event) -> None:
+        """The `preload` roles, after the default one: each that fails is a warning (its infer
+        goals then fall back or fail with the reason), never a failed configure."""
+        for role in self._preload:
+            if cancel.is_set():
+                return
+            if pool.is_loaded(role):
+                continue
+            spec = pool.spec(role)
+            try:
+                entry = pool.load(role, reason='preload', should_stop=cancel.is_set,
+                                  retry_failed=True)
+            except LoadError as exc:
+                self.get_logger().warning(f'preload of {role!r} ({spec.model_id}) failed: {exc}')
+                continue
+            self.get_logger().info(f'preloaded {role!r} ({spec.kind}: {spec.model_id}) in '
+                                   f'{entry.load_duration_s:.1f} s '
+                                   f'({entry.memory_bytes / 1e6:.0f} MB)')
 
     def _configure_failed(self, error: str) -> TransitionCallbackReturn:
         self._error = error
@@ -425,7 +544,7 @@ class ModelManagerNode(LifecycleNode):
         spec = pool.spec(self._default_role)
         for role in (spec.role, *spec.fallback):
             try:
-                inspect_weights(pool.spec(role))
+                pool.inspect(role)
                 return
             except LoadError as exc:
                 errors.append(str(exc))
@@ -436,8 +555,9 @@ class ModelManagerNode(LifecycleNode):
         self._stop_reason = ''
         self._active = True
         self._state_label = 'active'
-        self.queue.close('')
-        self.get_logger().info('active: generate and swap open')
+        for queue in (self.queue, self.infer_queue):
+            queue.close('')
+        self.get_logger().info('active: generate, swap and infer open')
         self._publish_status()
         return super().on_activate(state)
 
@@ -445,10 +565,13 @@ class ModelManagerNode(LifecycleNode):
         """Refuse new goals, answer waiting ones and stop the running one, with `reason`."""
         self._active = False
         self._stop_reason = reason
-        self.queue.close(reason)
+        queues = (self.queue, self.infer_queue)
+        for queue in queues:
+            queue.close(reason)
         self._goal_stop.set()
-        dropped = self.queue.drop_queued(reason)
-        if not self.queue.wait_idle(wait_s):
+        dropped = sum(queue.drop_queued(reason) for queue in queues)
+        deadline = time.monotonic() + wait_s
+        if not all(q.wait_idle(max(0.0, deadline - time.monotonic())) for q in queues):
             self.get_logger().warning(f'a goal was still running {wait_s:.0f} s after: {reason}')
             return False
         if dropped:
@@ -458,7 +581,7 @@ class ModelManagerNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._close_goals('model manager deactivated', 10.0)
         self._state_label = 'inactive'
-        self.get_logger().info('inactive: generate and swap closed')
+        self.get_logger().info('inactive: generate, swap and infer closed')
         self._publish_status()
         return super().on_deactivate(state)
 
@@ -499,12 +622,13 @@ class ModelManagerNode(LifecycleNode):
 
     # ---- actions -----------------------------------------------------------------------------
     def _on_goal(self, goal: object) -> GoalResponse:
-        what = 'swap' if isinstance(goal, SwapModel.Goal) else 'generate'
+        what = 'swap' if isinstance(goal, SwapModel.Goal) else \
+            'infer' if isinstance(goal, Infer.Goal) else 'generate'
         if not self._active or self.pool is None:
             self.get_logger().warning(f'{what} goal refused: model manager is not active '
                                       f'({self._state_label})')
             return GoalResponse.REJECT
-        refusal = self.queue.refusal()
+        refusal = (self.infer_queue if what == 'infer' else self.queue).refusal()
         if refusal:
             self.get_logger().warning(f'{what} goal refused: {refusal}')
             return GoalResponse.REJECT
@@ -513,7 +637,7 @@ class ModelManagerNode(LifecycleNode):
     def _dropped(self, gh: ServerGoalHandle, reason: Optional[str]) -> Any:
         """Answer a goal taken out of the queue: cancelled, or closed with `reason`."""
         result: Any = SwapModel.Result() if isinstance(gh.request, SwapModel.Goal) \
-            else Generate.Result()
+            else Infer.Result() if isinstance(gh.request, Infer.Goal) else Generate.Result()
         if reason == '':
             reason = 'model manager is not active'
         return answer_dropped(gh, result, reason, result.INACTIVE)
@@ -542,6 +666,8 @@ class ModelManagerNode(LifecycleNode):
             if result.error_code == result.CANCELLED:   # deactivate or shutdown, not the client
                 result.error_code = result.INACTIVE
                 result.error_msg = self._stop_reason or 'model manager is shutting down'
+            elif result.error_code == getattr(result, 'INVALID_INPUT', -1):
+                self.get_logger().warning(f'{what} goal refused: {exc}')   # the sender's mistake
             else:
                 self.get_logger().error(f'{what} failed: {exc}')
             gh.abort()
@@ -559,6 +685,9 @@ class ModelManagerNode(LifecycleNode):
             gh.publish_feedback(Generate.Feedback(text=piece, completion_tokens=produced[0]))
 
         def work(pool: ModelPool, should_stop: Callable[[], bool]) -> None:
+            spec = pool.spec(goal.role)
+            if spec.kind != KIND_CHAT:
+                raise ValueError(self._not_chat(spec.role, spec.kind))
             g = pool.generate(goal.role, [ChatTurn(m.role, m.content) for m in goal.messages],
                               max_new_tokens=goal.max_new_tokens, temperature=goal.temperature,
                               on_text=on_text, should_stop=should_stop,
@@ -582,9 +711,83 @@ class ModelManagerNode(LifecycleNode):
                 self.get_logger().info(f'loaded {g.role!r} ({g.model_id}) for a generate request')
         return self._run_goal(gh, result, 'generate', work)
 
+    def _not_chat(self, role: str, kind: str) -> str:
+        chat = [r for r in self._roles if self._kinds[r] == KIND_CHAT]
+        return (f'role {role!r} is a {kind} entry: generate serves the chat roles '
+                f'({", ".join(chat)}); send its goals to {names.MODEL_INFER}')
+
+    def _infer_role(self, pool: ModelPool, role: str, task: str) -> str:
+        """The role an infer goal runs on: `role`, or the first entry whose kind serves
+        `task` when it is ''; ValueError (INVALID_INPUT) when the pair does not fit."""
+        kinds = TASK_KINDS.get(task)
+        if kinds is None:
+            raise ValueError(f'unknown infer task {task!r}; expected one of '
+                             f'{", ".join(TASK_KINDS)}')
+        if not role:
+            serving = [r for r in self._roles if self._kinds[r] in kinds]
+            if not serving:
+                raise UnknownRole(f'no configured role serves task {task!r} (kinds '
+                                  f'{", ".join(kinds)})')
+            return serving[0]
+        kind = pool.spec(role).kind            # UnknownRole for a role not configured
+        if kind == KIND_CHAT:
+            raise ValueError(f'role {role!r} is a chat entry: infer serves speech, vision, omni '
+                             f'and embedding entries; send its goals to {names.MODEL_GENERATE}')
+        if kind not in kinds:
+            raise ValueError(f'role {role!r} is a {kind} entry; task {task!r} needs a '
+                             f'{" or ".join(kinds)} entry')
+        return role
+
+    def _execute_infer(self, gh: ServerGoalHandle) -> Infer.Result:
+        goal: Infer.Goal = gh.request
+        result = Infer.Result()
+        stage = ['']
+
+        def feedback(name: str, fraction: float) -> None:
+            if name != stage[0] or fraction >= 1.0:
+                stage[0] = name
+                gh.publish_feedback(Infer.Feedback(stage=name, progress=float(fraction)))
+
+        def work(pool: ModelPool, should_stop: Callable[[], bool]) -> None:
+            role = self._infer_role(pool, goal.role, goal.task)
+            request = infer_request(goal)
+            roles = {role, *pool.spec(role).fallback}
+
+            def on_load(p: LoadProgress) -> None:
+                if p.role in roles:
+                    feedback('running' if p.stage == 'done' else 'loading', p.fraction)
+            feedback('running' if pool.is_loaded(role) else 'loading', 0.0)
+            self.load_listeners.append(on_load)
+            try:
+                r = pool.infer(role, request, should_stop=should_stop)
+            finally:
+                self.load_listeners.remove(on_load)
+            out = r.output
+            result.role, result.model, result.kind = r.role, r.model_id, r.kind
+            result.requested_role, result.fallback = r.requested_role, r.fallback
+            result.swapped, result.evicted = r.swapped, list(r.evicted)
+            result.text, result.language = out.text, out.language
+            result.detections = [DetectionMsg(label=d.label, score=float(d.score), x=int(d.x),
+                                              y=int(d.y), width=int(d.width),
+                                              height=int(d.height)) for d in out.detections]
+            if out.vectors is not None and len(out.vectors):
+                result.dim = int(out.vectors.shape[1])
+                result.vectors = out.vectors.astype('float32').reshape(-1).tolist()
+            result.load_s, result.run_s = float(r.load_s), float(r.run_s)
+            feedback('running', 1.0)
+            if r.fallback and r.fallback not in self._fallbacks_said:
+                self._fallbacks_said.add(r.fallback)    # said once per reason
+                self.get_logger().warning(r.fallback)
+            evicted = (f'; evicted {", ".join(repr(e) for e in r.evicted)} to load {r.role!r}'
+                       if r.evicted else '')
+            self.get_logger().info(
+                f'infer {goal.task} on {r.role!r} ({r.model_id}): load {r.load_s:.2f} s, run '
+                f'{r.run_s:.2f} s{evicted}')
+        return self._run_goal(gh, result, 'infer', work)
+
     @staticmethod
     def _error_code(exc: Exception, result: Any) -> int:
-        """The result code of `exc` in a Generate or SwapModel result."""
+        """The result code of `exc` in a Generate, SwapModel or Infer result."""
         for kind, name in ((UnknownRole, 'UNKNOWN_ROLE'), (Cancelled, 'CANCELLED'),
                            (LoadError, 'LOAD_FAILED'), (ValueError, 'INVALID_INPUT')):
             if isinstance(exc, kind) and hasattr(result, name):
@@ -636,6 +839,7 @@ class ModelManagerNode(LifecycleNode):
         # stuck in an uninterruptible load ends after this), not errors on a destroyed node.
         self._generate.destroy()
         self._swap.destroy()
+        self._infer.destroy()
         super().destroy_node()
 
     def _submit_done(self, timeout_s: float) -> bool:
@@ -652,7 +856,8 @@ class ModelManagerNode(LifecycleNode):
     # ---- liveness ----------------------------------------------------------------------------
     def _liveness(self) -> Tuple[bool, str, int, int]:
         """Heartbeat: ready = active with a model loaded (or loading for a goal)."""
-        active, queued = self.queue.counts()
+        counts = [q.counts() for q in (self.queue, self.infer_queue)]
+        active, queued = sum(c[0] for c in counts), sum(c[1] for c in counts)
         pool = self.pool
         if not self._active or pool is None:
             return False, f'model manager {self._state_label}', active, queued
@@ -681,8 +886,8 @@ class ModelManagerNode(LifecycleNode):
         pools = [p for p in [*self._retiring, pool] if p is not None]
         loaded = [e for p in pools for e in p.loaded()]
         msg.loaded = [LoadedModel(
-            role=e.spec.role, model_id=e.spec.model_id, path=e.spec.path, device=e.spec.device,
-            dtype=e.spec.dtype, memory_bytes=e.memory_bytes,
+            role=e.spec.role, kind=e.spec.kind, model_id=e.spec.model_id, path=e.spec.path,
+            device=e.spec.device, dtype=e.spec.dtype, memory_bytes=e.memory_bytes,
             load_duration_s=float(e.load_duration_s), loaded_at=stamp(e.loaded_at),
             keep_resident=e.spec.keep_resident, uses=e.uses, adapter=e.adapter) for e in loaded]
         msg.busy = any(p.busy for p in pools)

@@ -1,8 +1,10 @@
 """Scenarios through the running nodes (kernel, language block, model manager; real rclpy,
 MiniLM salience, tiny random models): novelty fades with repetition, a sudden change raises
 surprise into FOCUS, sustained load drains ATP into REST and it recovers, and an ATP crisis
-serves one target at a time, the most salient source first. Small capacities and fast recharge
-keep each scenario to seconds."""
+serves one target at a time, the most salient source first; heard and seen turns (a test peer
+plays the perception block) reach the real language block, and "all clear" heard while the
+camera sees motion is a conflict with MiniLM. Small capacities and fast recharge keep each
+scenario to seconds."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Any, Callable, List
 
 import pytest
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from sage_interfaces.msg import KernelState, ModelStatus, Response, Salience, TextObservation
+from sage_interfaces.msg import (KernelState, ModelStatus, Percept, Response, Salience,
+                                 TextObservation)
 from std_msgs.msg import String
 
 from sage_ros import graph, names
@@ -164,3 +167,27 @@ def test_an_atp_crisis_serves_only_the_most_salient_target(
     assert all(st.max_targets == 1 and st.active_dispatches <= 1 for st in in_crisis)
     assert any(st.active_dispatches == 1 for st in in_crisis)
     wait_for(lambda: g.states[-1].metabolic_state != 'CRISIS', 30, 'the crisis ends')
+
+
+def test_heard_and_seen_turns_reach_the_language_block(harness: Callable[..., Harness]) -> None:
+    from test_kernel_perception import FakePerception, Sensors
+    g = Graph(harness, **{'kernel:vision.perceive_salience': 0.3,
+                          'kernel:vision.turn_salience': 1.0})
+    seen = FakePerception(g.h)
+    percepts = g.h.collect(Percept, names.PERCEPTS)
+    wait_for(lambda: 'perception' in g.states[-1].blocks, 10, 'the perception block serves')
+    sensors = Sensors(g.h)
+    for i in range(10):
+        sensors.frame(0.001 * (i % 2))
+    moving = sensors.frame(0.3, keyframe=True, reason='motion onset')
+    wait_for(lambda: len(percepts) == 1, 30, 'the keyframe perceived')
+    assert percepts[0].observation_id == moving
+    seen.transcript = 'All clear, there is nobody here.'
+    oid, _ = sensors.utterance()
+    wait_for(lambda: any(r.observation_id == oid for r in g.responses), 60, 'the answer')
+    r = next(r for r in g.responses if r.observation_id == oid)
+    assert r.status == Response.STATUS_OK and r.completion_tokens > 0 and r.model == 'tiny-small'
+    assert (r.modality, r.input_text, r.source) == ('speech', seen.transcript, 'microphone')
+    words = [s for s in g.salience if s.observation_id == oid][-1]
+    assert words.conflict >= 0.9 and words.stance == Salience.STANCE_SKEPTICAL
+    assert r.salience == pytest.approx(words.total)

@@ -295,3 +295,124 @@ def test_every_parameter_is_in_base_yaml_and_a_bad_one_is_one_error(
                     Parameter('embedder', value='ngram'), Parameter(name, value=value)])
     finally:
         rclpy.try_shutdown(context=context)
+
+
+# ---- embeddings through the model manager ---------------------------------------------------
+def _recall_round_trips(client: ActionClient, queries: Sequence[str]) -> List[float]:
+    """Seconds from sending each RECALL goal to having its result (no feedback settling)."""
+    took = []
+    for q in queries:
+        done = threading.Event()
+        t0 = time.monotonic()
+        sent = client.send_goal_async(Goal(operation=Goal.OP_RECALL, text=q))
+        sent.add_done_callback(lambda _: done.set())
+        assert done.wait(30.0) and sent.result().accepted
+        done.clear()
+        result = sent.result().get_result_async()
+        result.add_done_callback(lambda _: done.set())
+        assert done.wait(30.0)
+        took.append(time.monotonic() - t0)
+        assert result.result().result.error_code == Memory.Result.NONE
+    return took
+
+
+def _embed_times(embed: Callable[[List[str]], Any], queries: Sequence[str]) -> List[float]:
+    took = []
+    for q in queries:
+        t0 = time.monotonic()
+        embed([q])
+        took.append(time.monotonic() - t0)
+    return took
+
+
+def _summary(took: Sequence[float]) -> dict:
+    import statistics
+    ms = sorted(t * 1000.0 for t in took)
+    return {'runs': len(ms), 'median_ms': round(statistics.median(ms), 2),
+            'spread_ms': round(ms[-1] - ms[0], 2), 'min_ms': round(ms[0], 2),
+            'max_ms': round(ms[-1], 2)}
+
+
+@pytest.mark.slow
+def test_recall_embeds_through_the_model_manager_with_the_same_vectors(
+        harness: Callable[..., Harness], tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from sage_interfaces.msg import ModelStatus
+    from sage_ros.nodes.memory_block import RemoteEmbedder
+    h = harness((graph.MODEL_MANAGER, graph.MEMORY_BLOCK),
+                **{'memory_block:state_file': str(tmp_path / 'sage.db'),
+                   'memory_block:embedder': 'model_manager',
+                   'memory_block:index_period_s': 0.1,
+                   'memory_block:embedder_timeout_s': 60.0})
+    status = h.collect(ModelStatus, names.MODELS_STATUS, LATCHED)
+    wait_for(lambda: status and status[-1].lifecycle_state == 'active' and status[-1].loaded,
+             120, 'the model manager active')
+    node = h.node(MemoryBlockNode)
+    assert isinstance(node, MemoryBlockNode)
+    remote = node.remote_embedder
+    assert isinstance(remote, RemoteEmbedder) and node.embedder is remote
+    wait_for(lambda: remote.remote_calls > 0 or remote.fallback_reason, 120, 'the warm-up')
+    assert remote.fallback_reason == '' and remote.local_calls == 0, remote.fallback_reason
+    texts = ['the red cup is on the kitchen table', 'Ada takes the bus at eight']
+    through_manager = remote.remote(texts)        # raises if the model manager cannot embed
+    in_process = remote.local(texts)
+    assert through_manager.shape == in_process.shape == (2, 384)
+    assert np.allclose(through_manager, in_process, atol=1e-5), 'not the same model'
+    assert np.allclose(np.linalg.norm(through_manager, axis=1), 1.0, atol=1e-5)
+
+    client = ActionClient(h.probe, Memory, names.BLOCK_MEMORY)
+    assert client.wait_for_server(timeout_sec=10.0)
+    cup = store(client, 'the red cup is on the kitchen table')
+    store(client, 'the charger is under the desk in the lab')
+    calls = remote.remote_calls
+    assert recall(client, 'where is the cup?')[0].id == cup
+    assert remote.remote_calls > calls and remote.fallback_reason == ''
+    assert {m.role: m.kind for m in status[-1].loaded}.get('embedder') == 'embedding'
+
+    # What a RECALL costs each way, measured in the same run (printed, not asserted).
+    # Fresh queries for each measurement: the in-process embedder caches what it embedded.
+    def queries(arm: str) -> List[str]:
+        return [f'where did I leave the {arm} item number {i}?' for i in range(15)]
+    _recall_round_trips(client, queries('warm')[:3])                   # warm both paths
+    remote.local(queries('warm local')[:3])
+    remote_s = _recall_round_trips(client, queries('remote recall'))
+    embed_remote_s = _embed_times(remote.remote, queries('remote embed'))
+    embed_local_s = _embed_times(remote.local, queries('local embed'))
+    calls = remote.remote_calls
+    remote.pause_remote(3600.0, 'measuring the in-process path')      # local from now on
+    local_s = _recall_round_trips(client, queries('local recall'))
+    assert remote.remote_calls == calls, 'fell back, yet asked the model manager'
+    # A role the model manager does not have: in-process at once, with the reason.
+    remote.role = 'nobody'
+    remote.resume_remote()
+    assert recall(client, 'where is the cup?')[0].id == cup
+    assert "no role 'nobody'" in remote.fallback_reason and remote.remote_calls == calls
+    print('\nRECALL round trip ' + json.dumps({
+        'recall_model_manager': _summary(remote_s), 'recall_in_process': _summary(local_s),
+        'embed_model_manager': _summary(embed_remote_s),
+        'embed_in_process': _summary(embed_local_s)}))
+
+
+@pytest.mark.slow
+def test_without_a_model_manager_recall_falls_back_to_minilm_and_says_so_once(
+        harness: Callable[..., Harness], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+        ) -> None:
+    h, node, client = started(harness, tmp_path / 'sage.db',
+                              **{'memory_block:embedder': 'model_manager',
+                                 'memory_block:embedder_wait_s': 0.0})
+    remote = node.remote_embedder
+    assert remote is not None
+    cup = store(client, 'the red cup is on the kitchen table')
+    assert recall(client, 'where is the cup?')[0].id == cup
+    recall(client, 'the kitchen table')
+    assert 'model manager not reachable' in remote.fallback_reason
+    assert remote.local_calls >= 3 and remote.remote_calls == 0
+    logged: List[str] = []
+
+    def said() -> bool:
+        logged.append(capfd.readouterr().err)
+        return 'instead of the model manager' in ''.join(logged)
+    wait_for(said, 10, 'the fallback warning')
+    assert ''.join(logged).count('instead of the model manager') == 1

@@ -2,7 +2,8 @@
 with services answering meanwhile; deactivate answers goals; cleanup frees), one FIFO for
 generate and swap with cancel of a waiting goal, a bounded destroy, the heartbeat, swap
 progress and cancel, fallback in results and status, every status field, run-time parameter
-changes, and swap history kept across restarts."""
+changes, swap history kept across restarts, and infer on the non-chat entries (real whisper and
+Haar cascade): kinds in status, eviction of the chat model under a budget, refusals."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from rclpy.action import ActionClient
 from rclpy.context import Context
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from sage_interfaces.action import Generate, SwapModel
+from sage_interfaces.action import Generate, Infer, SwapModel
 from sage_interfaces.msg import ChatMessage, Heartbeat, ModelStatus
 
 from conftest import params_for
@@ -268,7 +269,8 @@ def test_status_fills_every_field(harness: Callable[..., Harness]) -> None:
     wait_for(lambda: not status[-1].busy and status[-1].loaded[0].uses == 1, what='settled')
     s = status[-1]
     assert s.lifecycle_state == 'active' and s.default_role == 'small' and s.error == ''
-    assert list(s.available_roles) == ['small', 'large'] and s.loading_role == ''
+    assert list(s.available_roles) == ['small', 'large', 'speech', 'vision', 'embedder']
+    assert s.loading_role == ''
     assert s.memory_budget_bytes == 1 << 30 and s.memory_available_bytes > 0
     assert [m.role for m in s.loaded] == ['large'] and not s.loaded[0].keep_resident
     assert s.memory_used_bytes == s.loaded[0].memory_bytes > 0
@@ -296,6 +298,9 @@ def test_model_entries_change_at_run_time(
                              ('models__large__dtype', 'int7', 'unknown dtype'),
                              ('models__large__device', 'tpu', 'unknown device'),
                              ('models__small__fallback', ['small'], 'not other configured roles'),
+                             ('models__speech__dtype', 'bfloat16', 'for a speech model'),
+                             ('models__speech__fallback', ['small'], 'do not mix'),
+                             ('models__speech__kind', 'chat', 'read-only'),
                              ('roles', ['a'], 'read-only')):
         r = set_params(h, **{name: value})[0]
         assert not r.successful and why in r.reason, (name, r.reason)
@@ -379,3 +384,232 @@ def test_a_cuda_entry_loads_on_the_cpu_without_cuda_or_fails_clearly(
     assert isinstance(node, ModelManagerNode)
     assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
     assert node.pool is None and 'CUDA is not available' in node._error
+
+
+# ---- infer: the non-chat entries (real faster-whisper base, OpenCV's Haar cascade) ----------
+def _pcm16(path: Path) -> bytes:
+    from sage_ros.core.perception.audio import read_wav, to_pcm16
+    samples, rate = read_wav(path)
+    assert rate == 16000
+    return to_pcm16(samples)
+
+
+def _infer(h: Harness, goal: Infer.Goal, timeout: float = 120.0) -> Any:
+    ok, result, feedback = send_goal(ActionClient(h.probe, Infer, names.MODEL_INFER), goal,
+                                     timeout)
+    assert ok, 'infer goal refused'
+    return result, feedback
+
+
+@pytest.mark.slow
+def test_infer_transcribes_speech_and_detects_a_face_next_to_the_chat_model(
+        harness: Callable[..., Harness], tmp_path: Path) -> None:
+    from media_support import astronaut_jpeg, speak
+    h, mm, status = started(harness)
+    assert list(status[-1].available_roles) == ['small', 'large', 'speech', 'vision',
+                                                 'embedder']
+    wav = speak('the red cup is on the kitchen table', tmp_path / 'cup.wav')
+    result, feedback = _infer(h, Infer.Goal(role='speech', task='transcribe',
+                                            audio=_pcm16(wav), sample_rate=16000))
+    assert result.error_code == Infer.Result.NONE, result.error_msg
+    assert result.role == result.requested_role == 'speech' and result.kind == 'speech'
+    assert result.model == 'faster-whisper-base' and result.fallback == ''
+    assert result.swapped and result.load_s > 0 and result.run_s > 0
+    assert result.text.strip() and result.language == 'en'
+    assert list(result.evicted) == [], 'no budget: the chat model stays'
+    stages = [f.stage for f in feedback]
+    assert 'loading' in stages and stages[-1] == 'running' and feedback[-1].progress == 1.0
+
+    photo = astronaut_jpeg(tmp_path / 'astronaut.jpg')
+    result, _ = _infer(h, Infer.Goal(role='vision', task='detect', image_format='jpeg',
+                                     image_data=photo.read_bytes()))
+    assert result.error_code == Infer.Result.NONE, result.error_msg
+    assert result.kind == 'vision' and result.model == 'opencv-haar-frontalface'
+    assert [d.label for d in result.detections] == ['face']
+    face = result.detections[0]
+    assert 0.0 <= face.score <= 1.0 and face.width > 0 and face.height > 0
+    assert result.text.strip(), 'the scene description'
+
+    again, _ = _infer(h, Infer.Goal(role='speech', task='transcribe', audio=_pcm16(wav),
+                                    sample_rate=16000))
+    assert again.error_code == Infer.Result.NONE and not again.swapped and again.load_s == 0
+    wait_for(lambda: not status[-1].busy and len(status[-1].loaded) == 3, what='settled')
+    kinds = {m.role: m.kind for m in status[-1].loaded}
+    assert kinds == {'small': 'chat', 'speech': 'speech', 'vision': 'vision'}
+    assert {m.role: m.uses for m in status[-1].loaded}['speech'] == 2
+    ok, gen, _ = send_goal(ActionClient(h.probe, Generate, names.MODEL_GENERATE),
+                           Generate.Goal(role='small', messages=HELLO))
+    assert ok and gen.error_code == Generate.Result.NONE and not gen.swapped
+
+
+@pytest.mark.slow
+def test_infer_evicts_the_chat_model_when_the_budget_needs_it_and_says_so(
+        harness: Callable[..., Harness], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+        ) -> None:
+    from media_support import speak
+    h, mm, status = started(harness, **{'model_manager:memory_reserve_gib': 0.0})
+    assert mm.pool is not None
+    small = status[-1].loaded[0].memory_bytes
+    need = mm.pool.estimate_need('speech')
+    # Room for the speech model, or for the chat model, not for both.
+    budget = (need + small // 2) / (1 << 30)
+    assert set_params(h, memory_budget_gib=budget)[0].successful
+    wav = speak('hello robot', tmp_path / 'hello.wav')
+    result, _ = _infer(h, Infer.Goal(role='speech', task='transcribe', audio=_pcm16(wav),
+                                     sample_rate=16000))
+    assert result.error_code == Infer.Result.NONE, result.error_msg
+    assert list(result.evicted) == ['small'] and result.swapped
+    wait_for(lambda: not status[-1].busy and status[-1].history
+             and status[-1].history[0].to_role == 'speech', what='the swap record')
+    record = status[-1].history[0]
+    assert record.succeeded and list(record.evicted) == ['small']
+    assert [m.role for m in status[-1].loaded] == ['speech']
+    logged: List[str] = []
+
+    def said() -> bool:
+        logged.append(capfd.readouterr().err)
+        return "evicted 'small' to load 'speech'" in ''.join(logged)
+    wait_for(said, what='the eviction in the log')
+
+
+@pytest.mark.slow
+def test_wrong_kinds_and_garbage_are_refused_with_the_reason_and_infer_still_serves(
+        harness: Callable[..., Harness], tmp_path: Path) -> None:
+    from media_support import astronaut_jpeg
+    h, mm, status = started(harness)
+    ok, gen, _ = send_goal(ActionClient(h.probe, Generate, names.MODEL_GENERATE),
+                           Generate.Goal(role='speech', messages=HELLO))
+    assert ok and gen.error_code == Generate.Result.INVALID_INPUT
+    assert 'speech entry' in gen.error_msg and names.MODEL_INFER in gen.error_msg
+    photo = astronaut_jpeg(tmp_path / 'astronaut.jpg').read_bytes()
+    cases = [
+        (Infer.Goal(role='small', task='detect', image_format='jpeg', image_data=photo),
+         Infer.Result.INVALID_INPUT, 'chat entry'),
+        (Infer.Goal(role='vision', task='transcribe', audio=b'\0\0', sample_rate=16000),
+         Infer.Result.INVALID_INPUT, 'needs a speech or omni entry'),
+        (Infer.Goal(role='nobody', task='detect', image_format='jpeg', image_data=photo),
+         Infer.Result.UNKNOWN_ROLE, 'nobody'),
+        (Infer.Goal(role='vision', task='look', image_format='jpeg', image_data=photo),
+         Infer.Result.INVALID_INPUT, 'unknown infer task'),
+        (Infer.Goal(role='vision', task='detect', image_format='jpeg',
+                    image_data=photo[:len(photo) // 3]), Infer.Result.INVALID_INPUT, ''),
+        (Infer.Goal(role='vision', task='detect', image_format='rgb8', width=4, height=4,
+                    image_data=b'\0' * 47), Infer.Result.INVALID_INPUT, ''),
+        (Infer.Goal(role='speech', task='transcribe', audio=b'\0\0\0', sample_rate=16000),
+         Infer.Result.INVALID_INPUT, 'odd length'),
+        (Infer.Goal(role='speech', task='transcribe', audio=b'\0\0' * 800, sample_rate=0),
+         Infer.Result.INVALID_INPUT, 'sample_rate 0'),
+    ]
+    for goal, code, words in cases:
+        result, _ = _infer(h, goal)
+        assert result.error_code == code and words in result.error_msg, \
+            (goal.role, goal.task, result.error_code, result.error_msg)
+        assert result.error_msg, 'every refusal says why'
+    result, _ = _infer(h, Infer.Goal(role='', task='detect', image_format='jpeg',
+                                     image_data=photo))
+    assert result.error_code == Infer.Result.NONE and result.role == 'vision', \
+        'role "" = the first entry that serves the task'
+    assert [d.label for d in result.detections] == ['face']
+
+
+@pytest.mark.slow
+def test_infer_goals_do_not_wait_behind_a_swap_and_a_waiting_one_can_be_cancelled(
+        harness: Callable[..., Harness], tmp_path: Path) -> None:
+    """Infer has its own FIFO: a resident vision model answers while a swap is held; with one
+    infer slot, a second infer waits behind a first one (blocked on the held load) and can be
+    cancelled meanwhile; the first is answered once the swap ends."""
+    from media_support import astronaut_jpeg
+    h, mm, status = started(harness, **{'model_manager:policy.substitute': False,
+                                        'model_manager:infer_concurrency': 1})
+    infer = ActionClient(h.probe, Infer, names.MODEL_INFER)
+    swap = ActionClient(h.probe, SwapModel, names.MODEL_SWAP)
+    assert swap.wait_for_server(timeout_sec=10.0) and infer.wait_for_server(timeout_sec=10.0)
+    detect = Infer.Goal(role='vision', task='detect', image_format='jpeg',
+                        image_data=astronaut_jpeg(tmp_path / 'a.jpg').read_bytes())
+    first, _ = _infer(h, detect)   # vision is resident from now on
+    assert first.error_code == Infer.Result.NONE, first.error_msg
+    gate = LoadGate(mm, 'large')
+    held = swap.send_goal_async(SwapModel.Goal(role='large', reason='held'))
+    wait_for(gate.held.is_set, what='swap held')
+    during, _ = _infer(h, detect)
+    assert during.error_code == Infer.Result.NONE, during.error_msg
+    assert [d.label for d in during.detections] == ['face']
+    assert mm.queue.counts() == (1, 0)   # the swap still holds the generate/swap FIFO
+
+    handles = []
+    for goal in (Infer.Goal(role='embedder', task='embed', texts=['hello']), detect):
+        sent = infer.send_goal_async(goal)
+        wait_for(sent.done, what='infer goal accepted')
+        handles.append(sent.result())
+    wait_for(lambda: mm.infer_queue.counts() == (1, 1), what='one infer running, one waiting')
+    cancelled = handles[1].get_result_async()
+    handles[1].cancel_goal_async()
+    wait_for(cancelled.done, what='the cancelled goal answered while the swap holds')
+    assert cancelled.result().status == GoalStatus.STATUS_CANCELED
+    assert cancelled.result().result.error_code == Infer.Result.CANCELLED
+    gate.open()
+    embedded = handles[0].get_result_async()
+    wait_for(embedded.done, 120.0, 'the embedding answered after the swap')
+    assert embedded.result().result.error_code == Infer.Result.NONE
+    assert embedded.result().result.dim == 384
+    wait_for(held.done, what='swap accepted')
+    swapped = held.result().get_result_async()
+    wait_for(swapped.done, 30.0, 'swap done')
+    assert swapped.result().result.error_code == SwapModel.Result.NONE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cuda(), reason='checks the fallback on a machine without CUDA')
+def test_a_cuda_speech_entry_loads_on_the_cpu_in_a_compute_type_the_cpu_runs(
+        harness: Callable[..., Harness], tmp_path: Path) -> None:
+    from media_support import speak
+    h, mm, status = started(harness, **{'model_manager:models.speech.device': 'cuda',
+                                        'model_manager:models.speech.dtype': 'int8_float16'})
+    result, _ = _infer(h, Infer.Goal(role='speech', task='transcribe', sample_rate=16000,
+                                     audio=_pcm16(speak('hello', tmp_path / 'hello.wav'))))
+    assert result.error_code == Infer.Result.NONE, result.error_msg
+    wait_for(lambda: not status[-1].busy and len(status[-1].loaded) == 2, what='settled')
+    speech = next(m for m in status[-1].loaded if m.role == 'speech')
+    assert (speech.device, speech.dtype, speech.kind) == ('cpu', 'int8', 'speech')
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'model_manager:default_role': 'speech'}, "default_role 'speech' is a speech entry"),
+    ({'model_manager:models.vision.kind': 'camera'}, "models.vision.kind: 'camera' is not one"),
+    ({'model_manager:preload': ['ghost']}, "preload: ['ghost'] are not configured roles"),
+])
+def test_a_bad_kind_default_role_or_preload_is_one_clear_error(
+        override: Dict[str, Any], message: str, tiny_models: Dict[str, Path],
+        tmp_path: Path) -> None:
+    pf = tmp_path / 'bad.yaml'
+    pf.write_text(yaml.safe_dump(params_for(tiny_models, **override)))
+    context = Context()
+    rclpy.init(args=context_args(names.DEFAULT_NAMESPACE, pf), context=context)
+    try:
+        with pytest.raises(ConfigError, match=message.replace('[', r'\[').replace(']', r'\]')):
+            ModelManagerNode(context=context)
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def test_preloaded_roles_load_after_the_default_one(harness: Callable[..., Harness]) -> None:
+    h, mm, status = started(harness, **{'model_manager:preload': ['vision']})
+    wait_for(lambda: not status[-1].busy and len(status[-1].loaded) == 2, what='vision preloaded')
+    assert {m.role: m.kind for m in status[-1].loaded} == {'small': 'chat', 'vision': 'vision'}
+    assert [(r.to_role, r.reason) for r in status[-1].history][:2] == [
+        ('vision', 'preload'), ('small', 'configure')]
+
+
+@pytest.mark.slow
+def test_infer_embeds_sentences_with_the_embedder_entry(harness: Callable[..., Harness]
+                                                        ) -> None:
+    import numpy as np
+    h, mm, status = started(harness)
+    texts = ['the red cup is on the table', 'a cup, red, on a table', 'turn left']
+    result, _ = _infer(h, Infer.Goal(role='embedder', task='embed', texts=texts))
+    assert result.error_code == Infer.Result.NONE, result.error_msg
+    assert result.kind == 'embedding' and result.model == 'all-MiniLM-L6-v2'
+    assert result.dim == 384 and len(result.vectors) == len(texts) * 384
+    v = np.asarray(result.vectors, dtype=np.float32).reshape(len(texts), 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]), 'paraphrases are closer'

@@ -201,9 +201,14 @@ def write_params(path: Path, params: dict) -> Path:
 
 def cpu_override(models: Dict[str, Path], roles: Sequence[str]) -> dict:
     """What a CPU-only machine changes in a robot profile: tiny models on the CPU, the keyword
-    router and n-gram embedder (no MiniLM), text from the `text_in` topic only."""
-    entries = {r: {'model_id': f'tiny-{r}', 'path': str(models[r]), 'device': 'cpu',
-                   'max_new_tokens': 8, 'context_window': 512} for r in roles}
+    router and n-gram embedder (no MiniLM), text from the `text_in` topic only. Only the chat
+    roles among `roles` get a tiny model; the hearing and seeing entries keep their real ones
+    (prepared whisper, OpenCV's cascade, MiniLM), moved to the CPU."""
+    entries: Dict[str, Dict[str, object]] = {
+        r: {'model_id': f'tiny-{r}', 'path': str(models[r]), 'device': 'cpu',
+            'max_new_tokens': 8, 'context_window': 512} for r in roles if r in models}
+    entries.update({r: {'device': 'cpu', 'dtype': 'int8' if r == 'speech' else 'float32'}
+                    for r in roles if r not in models and r in ('speech', 'embedder')})
     return {
         '/**/text_sensor': {'ros__parameters': {'source': 'topic'}},
         '/**/kernel': {'ros__parameters': {'router': 'keyword',

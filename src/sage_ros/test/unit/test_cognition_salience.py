@@ -1,5 +1,6 @@
-"""SNARC salience: feature-vector channels, cross-sensor and outcome conflict, adaptive
-weights, confidence and stance. Uses the hashing embedder (the scenario tests use MiniLM)."""
+"""SNARC salience: feature-vector channels; cross-sensor, outcome and content-vs-sensor
+conflict; adaptive weights, confidence and stance. Uses the hashing embedder (the scenario
+tests use MiniLM)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from sage_ros.core.salience import (STANCE_CAUTIOUS, STANCE_CURIOUS, STANCE_FOCUSED,
                                     STANCE_ROUTINE, STANCE_SKEPTICAL, DIMENSIONS, Observation,
-                                    SalienceParams, SalienceWeights, SnarcSalience, ngram_embedder,
-                                    project_weights)
+                                    SalienceParams, SalienceWeights, SnarcSalience, calm_assertion,
+                                    ngram_embedder, project_weights)
 
 
 def snarc(**params: float) -> SnarcSalience:
@@ -162,3 +163,80 @@ def test_setting_weights_replaces_the_learned_ones() -> None:
     s.set_weights(SalienceWeights(surprise=1.0, novelty=0.0, arousal=0.0, reward=0.0,
                                   conflict=0.0))
     assert s.weights[0] == pytest.approx(0.5) and sum(s.weights) == pytest.approx(1.0)
+
+
+# ---- content against a sensor: "all clear" while the camera's motion spikes ------------------
+def _camera(s: SnarcSalience, motion: float, t: float, source: str = 'camera') -> float:
+    """One frame of a steady scene with `motion`; returns its conflict."""
+    return s.score(source, Observation(features=(0.5, 0.5, 0.5, 0.5, motion), t=t,
+                                       modality='image', motion=motion)).conflict
+
+
+def _still_camera(s: SnarcSalience, frames: int = 10) -> None:
+    for i in range(frames):
+        _camera(s, 0.001 * (i % 2), float(i))
+
+
+@pytest.mark.parametrize('text', ['all clear', 'All clear!', 'nothing here', 'no one is here',
+                                  "There's nobody here.", 'the coast is clear',
+                                  'Everything is fine', 'nothing is moving'])
+def test_calm_assertions_are_recognised(text: str) -> None:
+    assert calm_assertion(text) == 1.0
+
+
+@pytest.mark.parametrize('text', ['hello robot', 'someone is at the door', 'it is not all clear',
+                                  "it isn't all clear", 'clear the table', 'nothing', ''])
+def test_other_words_and_negations_are_not_calm_assertions(text: str) -> None:
+    assert calm_assertion(text) == 0.0
+
+
+def test_all_clear_heard_while_the_camera_motion_spikes_is_a_conflict() -> None:
+    s = snarc()
+    _still_camera(s)
+    _camera(s, 0.3, 10.0)                            # something moves
+    heard = s.score('microphone', Observation('all clear, no one is here', t=11.0))
+    assert heard.conflict >= 0.9 and heard.stance == STANCE_SKEPTICAL
+
+
+def test_all_clear_with_a_still_camera_is_no_conflict() -> None:
+    s = snarc()
+    _still_camera(s)
+    heard = s.score('microphone', Observation('all clear, no one is here', t=10.5))
+    assert heard.conflict < 0.1
+
+
+def test_other_words_during_motion_are_no_content_conflict() -> None:
+    calm, other = snarc(), snarc()
+    for s in (calm, other):
+        _still_camera(s)
+        _camera(s, 0.3, 10.0)
+    c = calm.score('microphone', Observation('all clear', t=11.0)).conflict
+    o = other.score('microphone', Observation('someone is at the door', t=11.0)).conflict
+    assert c >= 0.9 and o < c - 0.3
+
+
+def test_motion_after_the_words_is_the_conflict_of_the_frame() -> None:
+    s = snarc()
+    _still_camera(s)
+    assert s.score('microphone', Observation('nothing here', t=10.0)).conflict < 0.1
+    assert _camera(s, 0.3, 11.0) >= 0.9               # the frame that contradicts the words
+
+
+def test_the_conflict_needs_both_within_the_window() -> None:
+    s = snarc(conflict_window_s=2.0)
+    _still_camera(s)
+    _camera(s, 0.3, 10.0)
+    assert s.score('microphone', Observation('all clear', t=20.0)).conflict < 0.1
+
+
+def test_small_motion_never_contradicts_and_its_own_words_do_not_conflict() -> None:
+    s = snarc(motion_min=0.05)
+    _still_camera(s)
+    _camera(s, 0.04, 10.0)             # far above the usual, but below the floor
+    assert s.score('microphone', Observation('all clear', t=10.5)).conflict < 0.1
+    both = snarc()
+    _still_camera(both)
+    # One sensor's own motion and words are not two sensors disagreeing.
+    both.score('camera', Observation('all clear', features=(0.5, 0.5, 0.5, 0.5, 0.3), t=10.0,
+                                     modality='image', motion=0.3))
+    assert both.score('camera', Observation('all clear', t=10.5)).conflict < 0.5

@@ -50,13 +50,14 @@ def test_an_answer_that_ends_with_its_eos_token_is_not_shortened(
 
 def test_devices_resolve_to_the_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     from sage_ros.core import models
-    monkeypatch.setattr(models, 'cuda_available', lambda: False)
+    from sage_ros.core.models import memory   # resolve_device looks cuda_available up there
+    monkeypatch.setattr(memory, 'cuda_available', lambda: False)
     assert models.resolve_device('auto', False) == ('cpu', '')
     device, note = models.resolve_device('cuda:0', True)
     assert device == 'cpu' and 'CUDA is not available' in note
     assert models.resolve_device('cuda', False) == ('cuda', '')
     assert models.resolve_device('cpu', True) == ('cpu', '')
-    monkeypatch.setattr(models, 'cuda_available', lambda: True)
+    monkeypatch.setattr(memory, 'cuda_available', lambda: True)
     assert models.resolve_device('auto', False) == ('cuda', '')
     assert models.resolve_device('cuda:1', True) == ('cuda:1', '')
 
