@@ -11,9 +11,9 @@ in-process embedder caches what it embedded once):
   forced), the baseline;
 - `embed_model_manager` / `embed_in_process`: the embedding alone, each way;
 - `recall_during_generation`: RECALLs sent while the model manager streams a long generation.
-  Until the model manager gives infer goals their own queue, an embed goal waits behind the
-  generation, so these RECALLs take up to `embedder_timeout_s` and then embed in-process
-  (`fell_back` says how many did).
+  Infer goals have their own queue and the pool runs MiniLM beside the chat model, so these
+  should not wait for the generation; one that took longer than `embedder_timeout_s` would
+  embed in-process instead (`fell_back` says how many did).
 
 Prints one JSON object: per arm runs, median, spread (max - min), p99, in milliseconds.
 """

@@ -66,7 +66,7 @@ from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher
 
 ENTRY_FIELDS = ('kind', 'model_id', 'path', 'dtype', 'device', 'max_new_tokens',
-                'context_window', 'keep_resident', 'priority', 'fallback', 'adapter')
+                'context_window', 'keep_resident', 'priority', 'fallback', 'adapter', 'language')
 # The dtype an entry of each kind loads with unless configured (speech: a CTranslate2 compute
 # type; vision: ignored).
 DEFAULT_DTYPE = {'chat': 'bfloat16', 'omni': 'bfloat16', 'embedding': 'float32',
@@ -261,6 +261,9 @@ class ModelManagerNode(LifecycleNode):
                     '"latest" = the current sleep-trained adapter of this model (the base '
                     'model until one exists), or a directory; a missing or broken adapter '
                     'loads the base model with a warning')
+            declare(self, m + 'language', '',
+                    'Speech entries: the spoken language (a Whisper code such as en, de, fr); '
+                    '"" = detected per utterance; ignored by other kinds')
         self._default_role: str = declare(self, 'default_role', 'small',
                                           'Role loaded on configure (a chat entry)',
                                           read_only=True)

@@ -136,6 +136,8 @@ class ModelSpec:
     adapter: str = ''            # LoRA merged after load: '' = none, 'latest' = the current
                                  # sleep-trained adapter of this model (if any), or a directory
     kind: str = KIND_CHAT        # one of inference.KINDS: chat answers generate, others infer
+    language: str = ''           # speech: the spoken language ('en', ...); '' = detected per
+                                 # utterance (a short accented one is then often misheard)
 
     def __post_init__(self) -> None:
         if not self.role or not self.path:
@@ -160,7 +162,11 @@ class ModelSpec:
         key = f'{resolve_model_path(self.path)}|{self.dtype}|{self.device}'
         if self.adapter.strip():
             key = f'{key}|{self.adapter.strip()}'
-        return key if self.kind == KIND_CHAT else f'{key}|{self.kind}'
+        if self.kind == KIND_CHAT:
+            return key
+        # A speech model decodes in its configured language: a change is a (cheap) reload.
+        return f'{key}|{self.kind}|{self.language.strip()}' if self.language.strip() else \
+            f'{key}|{self.kind}'
 
 
 @dataclass(frozen=True)

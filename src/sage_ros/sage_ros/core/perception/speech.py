@@ -201,7 +201,8 @@ class SpeechRunner:
         t0 = time.monotonic()
         try:
             segments, info = loaded.model.transcribe(
-                audio, beam_size=1, temperature=0.0, vad_filter=False,
+                audio, language=loaded.spec.language.strip() or None,
+                beam_size=1, temperature=0.0, vad_filter=False,
                 condition_on_previous_text=False, initial_prompt=request.prompt.strip() or None,
                 max_new_tokens=min(request.max_new_tokens or token_cap(duration),
                                    MAX_WINDOW_TOKENS))
