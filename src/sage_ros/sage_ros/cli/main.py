@@ -21,6 +21,20 @@ from .. import names
 from ..graph import PROFILES
 
 
+
+def _graph_args(sp: argparse.ArgumentParser) -> None:
+    """How a command finds its graph: attach to a running one or start one in this process."""
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument('--attach', dest='mode', action='store_const', const='attach',
+                      help='only attach to a running graph')
+    mode.add_argument('--embedded', dest='mode', action='store_const', const='embedded',
+                      help='always start the graph in this process')
+    sp.set_defaults(mode='auto')
+    sp.add_argument('--discovery-timeout', type=float, default=2.0, metavar='S',
+                    help='how long to look for a running graph (default: 2 s)')
+    sp.add_argument('--ready-timeout', type=float, default=600.0, metavar='S',
+                    help='how long to wait for the graph to be ready (default: 600 s)')
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='sage', description='SAGE cognition kernel on ROS 2: chat with it, run its graph, '
@@ -46,16 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="send each non-empty line of FILE ('-' = stdin) as a turn, then exit")
     chat.add_argument('--json', action='store_true',
                       help='with --script: print one JSON object per turn')
-    mode = chat.add_mutually_exclusive_group()
-    mode.add_argument('--attach', dest='mode', action='store_const', const='attach',
-                      help='only attach to a running graph')
-    mode.add_argument('--embedded', dest='mode', action='store_const', const='embedded',
-                      help='always start the graph in this process')
-    chat.set_defaults(mode='auto')
-    chat.add_argument('--discovery-timeout', type=float, default=2.0, metavar='S',
-                      help='how long to look for a running graph (default: 2 s)')
-    chat.add_argument('--ready-timeout', type=float, default=600.0, metavar='S',
-                      help='how long to wait for the graph to be ready (default: 600 s)')
+    _graph_args(chat)
     chat.add_argument('--turn-timeout', type=float, default=600.0, metavar='S',
                       help='how long to wait for one answer (default: 600 s)')
     chat.add_argument('--dream-timeout', type=float, default=120.0, metavar='S',
@@ -70,16 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                       'input device it says so and stays a text chat)')
 
     def attach_args(sp: argparse.ArgumentParser) -> None:
-        mode = sp.add_mutually_exclusive_group()
-        mode.add_argument('--attach', dest='mode', action='store_const', const='attach',
-                          help='only attach to a running graph')
-        mode.add_argument('--embedded', dest='mode', action='store_const', const='embedded',
-                          help='always start the graph in this process')
-        sp.set_defaults(mode='auto')
-        sp.add_argument('--discovery-timeout', type=float, default=2.0, metavar='S',
-                        help='how long to look for a running graph (default: 2 s)')
-        sp.add_argument('--ready-timeout', type=float, default=600.0, metavar='S',
-                        help='how long to wait for the graph to be ready (default: 600 s)')
+        _graph_args(sp)
         sp.add_argument('--timeout', type=float, default=300.0, metavar='S',
                         help='how long to wait for the play and what the graph makes of it '
                         '(default: 300 s)')

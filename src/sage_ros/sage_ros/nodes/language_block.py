@@ -52,6 +52,7 @@ from .action_call import (CallCancelled, CallError, Dependency, ServerGone, Serv
 from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, declare_router, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
+from .manager_readiness import ManagerReadiness
 
 STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
 ROLE_PARAMS = tuple(f'roles.{c.value}' for c in Complexity)
@@ -208,9 +209,6 @@ class LanguageBlockNode(Node):
         self._requester = Dependency(
             self, names.qualify(names.REASONING_BLOCK, self.get_namespace()), 'reasoning block',
             timeout_s, on_change=self._drop_orphans)
-        self._models: Optional[ModelStatus] = None
-        self.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_models, LATCHED,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
         self.generator = ModelManagerClient(
             self, self.manager,
             server_wait_s=declare(self, 'model_manager_wait_s', 10.0,
@@ -238,9 +236,12 @@ class LanguageBlockNode(Node):
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
 
-        self._ready: Tuple[bool, str] = (False, 'starting')
-        self._ready_lock = threading.Lock()
-        self._check_lock = threading.Lock()
+        self._requester_lock = threading.Lock()
+        self.readiness = ManagerReadiness(
+            self, 'language', self.manager, self.generator.client.server_is_ready,
+            names.MODEL_GENERATE, self._readiness_changed, self._stopping, needs_loaded=True)
+        self.create_subscription(ModelStatus, names.MODELS_STATUS, self.readiness.on_models,
+                                 LATCHED, callback_group=MutuallyExclusiveCallbackGroup())
         self._requester_restarts = 0
         self._heartbeat = HeartbeatPublisher(self, 'language', self._liveness)
         self.queue = GoalQueue('language block', lambda: int(self._p('max_goals')), self._dropped,
@@ -265,60 +266,22 @@ class LanguageBlockNode(Node):
         return self.get_parameter(name).value
 
     # ---- readiness -----------------------------------------------------------------------
-    def _on_models(self, msg: ModelStatus) -> None:
-        self._models = msg
-        self._check_ready()
-
-    def readiness(self) -> Tuple[bool, str]:
-        """Whether the block can answer now: its model manager alive, ready (active with a
-        model), said so on models/status, and its generate server reachable."""
-        ok, why = self.manager.state()
-        if not ok:
-            return False, why
-        models = self._models
-        if models is None:
-            return False, 'no models/status from the model manager yet'
-        if models.lifecycle_state != 'active':
-            return False, f'model manager {models.lifecycle_state}'
-        if not models.loaded and not models.loading_role:
-            return False, f'no model loaded ({models.error or "unknown"})'
-        if not self.generator.client.server_is_ready():
-            return False, (f'model manager generate server not reachable on '
-                           f'{self.resolve_topic_name(names.MODEL_GENERATE)}')
-        return True, ''
-
     def _check_ready(self) -> None:
-        """Follow readiness (timer, heartbeats, models/status): on a change, log it once and
-        republish the description and the heartbeat. One check at a time, so the last one out
-        is never stale."""
-        with self._check_lock:
-            if self._stopping.is_set():
-                return
-            ready = self.readiness()
-            with self._ready_lock:
-                changed, self._ready = ready != self._ready, ready
-            if not changed:
-                return
-            if ready[0]:
-                self.get_logger().info('model manager ready: language block serving')
-            else:
-                self.get_logger().warning(f'language block not ready: {ready[1]}')
-            self._publish_description()
-            self._heartbeat.publish()
+        self.readiness.check()
+
+    def _readiness_changed(self) -> None:
+        self._publish_description()
+        self._heartbeat.publish()
 
     def _liveness(self) -> Tuple[bool, str, int, int]:
         active, queued = self.queue.counts()
-        with self._ready_lock:
-            ready, why = self._ready
-        if self._stopping.is_set():
-            ready, why = False, 'shutting down'
+        ready, why = self.readiness.state
         return ready, why, active, queued
 
     def _publish_description(self) -> None:
         desc = self.block.describe(self.resolve_topic_name(names.BLOCK_LANGUAGE),
                                    'sage_interfaces/action/Language')
-        with self._ready_lock:
-            loaded = self._ready[0]
+        loaded = self.readiness.state[0]
         self._description_pub.publish(BlockDescription(
             stamp=stamp(), name=desc.name, block_type=desc.block_type.value,
             capabilities=list(desc.capabilities), modalities=list(desc.modalities),
@@ -337,7 +300,7 @@ class LanguageBlockNode(Node):
             if p.name in ROLE_PARAMS and not p.value.strip():
                 return SetParametersResult(successful=False,
                                            reason=f'{p.name}: a role name must not be empty')
-            models = self._models
+            models = self.readiness.models
             if p.name in ROLE_PARAMS and models is not None and models.available_roles \
                     and p.value not in models.available_roles:
                 return SetParametersResult(successful=False, reason=(
@@ -396,7 +359,7 @@ class LanguageBlockNode(Node):
             gh.abort()
             result.error_code, result.error_msg = result.INVALID_INPUT, str(exc)
             return result
-        ready, why = self.readiness()
+        ready, why = self.readiness.evaluate()
         if not ready:      # say why now rather than wait for a model manager that cannot serve
             self.get_logger().error(f'turn {goal.turn_id}: {why}')
             gh.abort()
@@ -460,7 +423,7 @@ class LanguageBlockNode(Node):
         """The reasoning block stopped or restarted: its waiting steps are answered now (the
         running one sees it through its guard)."""
         reason, restarts = self._requester.gone_reason, self._requester.restarts
-        with self._ready_lock:
+        with self._requester_lock:
             restarted, self._requester_restarts = restarts != self._requester_restarts, restarts
         if not reason and not restarted:
             return        # first seen, or back: nothing was lost

@@ -53,6 +53,7 @@ from .action_call import (CallCancelled, CallError, CallTimeout, Dependency, Ser
 from .common import LATCHED, RESULT_KEEP_S, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
+from .manager_readiness import ManagerReadiness
 
 ACTION_TYPE = 'sage_interfaces/action/Perception'
 PATH_MODULAR = 'modular'
@@ -155,16 +156,16 @@ class PerceptionBlockNode(Node):
         self._manager_name = names.qualify(names.MODEL_MANAGER, self.get_namespace())
         self.manager = Dependency(self, self._manager_name, 'model manager', timeout_s,
                                   on_change=self._check_ready)
-        self._models: Optional[ModelStatus] = None
-        self.create_subscription(ModelStatus, names.MODELS_STATUS, self._on_models, LATCHED,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
         self.client = ThreadSafeActionClient(self, Infer, names.MODEL_INFER,
                                              callback_group=ReentrantCallbackGroup())
+        self.readiness = ManagerReadiness(self, 'perception', self.manager,
+                                          self.client.server_is_ready, names.MODEL_INFER,
+                                          self._readiness_changed, self._stopping)
+        self.create_subscription(ModelStatus, names.MODELS_STATUS, self.readiness.on_models,
+                                 LATCHED, callback_group=MutuallyExclusiveCallbackGroup())
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
 
-        self._ready: Tuple[bool, str] = (False, 'starting')
-        self._check_lock = threading.Lock()
         self._heartbeat = HeartbeatPublisher(self, 'perception', self._liveness)
         self.queue = GoalQueue('perception block', lambda: int(self._p('max_goals')),
                                self._dropped, concurrency=int(concurrency),
@@ -209,53 +210,21 @@ class PerceptionBlockNode(Node):
             self._publish_description()
 
     # ---- readiness -----------------------------------------------------------------------
-    def _on_models(self, msg: ModelStatus) -> None:
-        self._models = msg
-        self._check_ready()
-
-    def readiness(self) -> Tuple[bool, str]:
-        """The model manager alive and ready, active, and its infer server reachable."""
-        ok, why = self.manager.state()
-        if not ok:
-            return False, why
-        models = self._models
-        if models is None:
-            return False, 'no models/status from the model manager yet'
-        if models.lifecycle_state != 'active':
-            return False, f'model manager {models.lifecycle_state}'
-        if not self.client.server_is_ready():
-            return False, (f'model manager infer server not reachable on '
-                           f'{self.resolve_topic_name(names.MODEL_INFER)}')
-        return True, ''
-
     def _check_ready(self) -> None:
-        with self._check_lock:
-            if self._stopping.is_set():
-                return
-            ready = self.readiness()
-            with self._lock:
-                changed, self._ready = ready != self._ready, ready
-            if not changed:
-                return
-            if ready[0]:
-                self.get_logger().info('model manager ready: perception block serving')
-            else:
-                self.get_logger().warning(f'perception block not ready: {ready[1]}')
-            self._publish_description()
-            self._heartbeat.publish()
+        self.readiness.check()
+
+    def _readiness_changed(self) -> None:
+        self._publish_description()
+        self._heartbeat.publish()
 
     def _liveness(self) -> Tuple[bool, str, int, int]:
         active, queued = self.queue.counts()
-        with self._lock:
-            ready, why = self._ready
-        if self._stopping.is_set():
-            ready, why = False, 'shutting down'
+        ready, why = self.readiness.state
         return ready, why, active, queued
 
     def _publish_description(self) -> None:
         omni = self._p('path') == PATH_OMNI
-        with self._lock:
-            loaded = self._ready[0]
+        loaded = self.readiness.state[0]
         self._description_pub.publish(BlockDescription(
             stamp=stamp(), name='perception',
             block_type=BlockDescription.TYPE_HYBRID if omni else BlockDescription.TYPE_MODULAR,
@@ -384,7 +353,7 @@ class PerceptionBlockNode(Node):
         """One omni pass; on a failure that the modular path may not share, `got.fallback`
         says why and the caller goes on with the modular path."""
         role = self._p('omni_role')
-        models = self._models
+        models = self.readiness.models
         if models is not None and models.available_roles and \
                 role not in models.available_roles:
             self._fall_back(got, f'omni role {role!r} is not configured on the model manager',

@@ -60,7 +60,7 @@ def started(make: Callable[..., Harness], **overrides: object
             ) -> Tuple[Harness, LanguageBlockNode, ModelManagerNode, ActionClient]:
     h = make(GRAPH, **{**NO_SUBSTITUTE, **overrides})
     lb, mm = nodes(h)
-    wait_for(lambda: lb.readiness()[0], 60.0, 'language block ready')
+    wait_for(lambda: lb.readiness.evaluate()[0], 60.0, 'language block ready')
     client = ActionClient(h.probe, Language, names.BLOCK_LANGUAGE)
     assert client.wait_for_server(timeout_sec=10.0)
     return h, lb, mm, client
@@ -148,7 +148,7 @@ def test_a_generation_fails_at_once_when_the_model_manager_stops_and_it_is_used_
     assert result.error_msg == 'model manager stopped (no heartbeat for 2.0 s)'
     assert took < 6.0, took
     wait_for(lambda: descriptions and not descriptions[-1].loaded, what='advertised not loaded')
-    assert not lb.readiness()[0]
+    assert not lb.readiness.evaluate()[0]
     gate.open()
     h.executor.add_node(mm)      # back: the block serves again by itself
     wait_for(lambda: descriptions[-1].loaded, 30.0, 'loaded again')
@@ -261,7 +261,7 @@ def test_a_turn_gets_the_recalled_memory_and_the_preamble(
     lb, mm = nodes(h)
     memory = h.node(MemoryBlockNode)
     assert isinstance(memory, MemoryBlockNode)
-    wait_for(lambda: lb.readiness()[0], 60.0, 'language block ready')
+    wait_for(lambda: lb.readiness.evaluate()[0], 60.0, 'language block ready')
     stored = send_goal(ActionClient(h.probe, Memory, names.BLOCK_MEMORY), Memory.Goal(
         operation=Memory.Goal.OP_STORE, text='the spare battery is in locker 12', pinned=True))
     assert stored[0] and stored[1].error_code == 0
