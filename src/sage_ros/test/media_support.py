@@ -47,7 +47,7 @@ def speak(text: str, path: Union[str, Path], voice: str = 'en-us', rate: int = 1
     return out
 
 
-# --- video and photos (helper C) ---------------------------------------------------------
+# --- video and photos -----------------------------------------------------------------------
 
 
 def moving_square_video(path: Union[str, Path], frames: int = 60, start_moving: int = 30,

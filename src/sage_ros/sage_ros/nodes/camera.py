@@ -374,6 +374,7 @@ class CameraNode(Node):
                     late = time.monotonic() - due
                     if late > 1.0 / fps and index > 0:
                         skipped += 1   # behind the clip's clock: drop, as a camera would
+                        self._play_dropped += 1   # counted now: the next frame says so
                         continue
                     if late < 0 and self._stop.wait(-late):
                         break
@@ -385,7 +386,6 @@ class CameraNode(Node):
             reader.release()
         if frames == 0:
             raise MediaError(f'{media.name}: a video with no frames OpenCV can decode')
-        self._play_dropped += skipped
         duration = frames / fps
         counts = ', '.join(f'{reasons.count(r)} {r}' for r in dict.fromkeys(reasons))
         return ids, duration, (f'video {media.name} ({frames} frames, {duration:.1f} s'

@@ -124,7 +124,7 @@ def check_audio(request: InferRequest) -> np.ndarray:
         raise MediaError(f'audio peak {peak:.1f} is outside [-1, 1]: pass float samples, not '
                          'raw PCM values')
     if request.sample_rate != SAMPLE_RATE:
-        from .audio import resample   # helper B's resampler (numpy/scipy only)
+        from .audio import resample   # numpy/scipy only
         x = np.asarray(resample(x, request.sample_rate, SAMPLE_RATE), dtype=np.float32)
     return x
 
