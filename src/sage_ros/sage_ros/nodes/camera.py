@@ -47,6 +47,8 @@ OBSERVATION_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
 READ_FAILURES = 30   # consecutive failed device reads before the device counts as gone
 
 
+SUBSCRIBER_WAIT_S = 10.0   # [s] a file source waits this long for a listener, then plays
+
 class CameraNode(Node):
     """One camera source (the `source` parameter) and `camera/play`."""
 
@@ -187,6 +189,14 @@ class CameraNode(Node):
     def _capture(self, reader: Optional[VideoReader], image: Optional[Any]) -> None:
         """Capture thread: frames into the slot at the source's pace; paused while playing."""
         try:
+            if reader is None or not reader.live:
+                # A file is seen once: wait (a little) for a listener, so that its first
+                # frames are not lost to discovery. A device is live: what nobody sees is gone.
+                deadline = time.monotonic() + SUBSCRIBER_WAIT_S
+                while self._obs_pub.get_subscription_count() == 0 and \
+                        time.monotonic() < deadline:
+                    if self._stop.wait(0.05):
+                        return
             if reader is None:
                 self._capture_image(image)
             else:

@@ -247,7 +247,9 @@ def test_a_burst_of_1000_observations_gets_1000_responses(text_path: NodeProcess
                 f'{text_path.log("kernel")[-3000:]}') from None
         answered = [got[i] for i in ids if got[i].status == Response.STATUS_OK]
         rejected = [got[i] for i in ids if got[i].status == Response.STATUS_REJECTED]
-        assert len(answered) >= 16 and len(rejected) >= 1000 - 16 - 16
+        # The queue holds 16: the rest is rejected, but for the turns served while the burst
+        # was still arriving (a few dozen, depending on the machine's speed).
+        assert len(answered) >= 16 and len(rejected) >= 1000 - 100
         # Every one not served says why: most were dropped from the full queue of 16. (A goal
         # can also fail, e.g. when a loaded machine delays the block's heartbeat; it says why.)
         assert all(got[i].error for i in ids if got[i].status != Response.STATUS_OK)
