@@ -50,7 +50,7 @@ from ..core.inference import TASK_DETECT, TASK_OMNI, TASK_TRANSCRIBE
 from ..core.perception.omni import split_lines
 from .action_call import (CallCancelled, CallError, CallTimeout, Dependency, ServerGone,
                           ServerUnavailable, ThreadSafeActionClient, call_action)
-from .common import LATCHED, RESULT_KEEP_S, declare, run_node, stamp
+from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
 from .liveness import HeartbeatPublisher, declare_liveness_timeout
 from .manager_readiness import ManagerReadiness
@@ -123,9 +123,11 @@ class PerceptionBlockNode(Node):
 
     def __init__(self, node_name: str = names.PERCEPTION_BLOCK, **kwargs: object) -> None:
         super().__init__(node_name, **kwargs)  # type: ignore[arg-type]
-        declare(self, 'path', PATH_MODULAR,
-                'Perception path: modular (speech_role + vision_role) or omni (omni_role, the '
-                'modular path as its fallback)')
+        path = declare(self, 'path', PATH_MODULAR,
+                       'Perception path: modular (speech_role + vision_role) or omni (omni_role, '
+                       'the modular path as its fallback)')
+        if path not in PATHS:   # a run-time change is checked by _validate_parameters
+            raise ConfigError(f'parameter path={path!r}: expected one of {", ".join(PATHS)}')
         declare(self, 'speech_role', 'speech', 'Model manager role that transcribes audio')
         declare(self, 'vision_role', 'vision', 'Model manager role that detects in images')
         declare(self, 'omni_role', 'omni', 'Model manager role of the omni path')

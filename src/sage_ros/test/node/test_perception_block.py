@@ -229,3 +229,18 @@ def test_a_cancelled_goal_cancels_its_infer_call(harness: Callable[..., Harness]
     wait_for(held.done, what='swap accepted')
     result, _ = perceive(client, turn_id=2, image_format='jpeg', image_data=photo(tmp_path))
     assert result.error_code == Perception.Result.NONE, 'still serving'
+
+
+def test_a_bad_path_at_start_is_one_clear_error() -> None:
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+    from sage_ros.nodes.common import ConfigError
+    context = Context()
+    rclpy.init(context=context)
+    try:
+        with pytest.raises(ConfigError, match=r"parameter path='bogus': expected one of"):
+            PerceptionBlockNode(context=context,
+                                parameter_overrides=[Parameter('path', value='bogus')])
+    finally:
+        rclpy.shutdown(context=context)
