@@ -8,6 +8,7 @@ scenario to seconds."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, List
 
 import pytest
@@ -146,7 +147,10 @@ def test_an_atp_crisis_serves_only_the_most_salient_target(
     g.answered(1)
     wait_for(lambda: g.states[-1].metabolic_state == 'CRISIS', 10, 'CRISIS')
     crisis = next(st for st in g.states if st.metabolic_state == 'CRISIS')
-    assert 'below the crisis level' in crisis.transition_reason and crisis.atp_level < 4.0
+    # The reason gives the level that triggered the move; the published level may already
+    # include the first crisis recharge (3 ATP/s) since then, but not the way out (60%).
+    entered = re.fullmatch(r'ATP (\d+)% below the crisis level 20%', crisis.transition_reason)
+    assert entered and int(entered.group(1)) < 20 and crisis.atp_level < 12.0
     # Chat from one source (served in its order), then an alarm from another: across sources
     # the most salient goes first.
     ids = [g.tell('chat', line) for line in ('what time is it?', 'tell me a joke',
