@@ -85,6 +85,19 @@ class LivenessMonitor:
                 return b
         return None
 
+    def stopped(self, node: str, instance_id: str) -> str:
+        """Why that instance of `node` no longer runs ('' = it runs, or was never seen): a
+        server stops the work it asked for, which nobody waits for any more."""
+        latest = self._latest.get(node)
+        if latest is not None:
+            return 'restarted' if latest[0].instance_id != instance_id else ''
+        gone = self._gone.get(node)
+        if gone is None:
+            return ''
+        if gone.instance_id != instance_id:
+            return 'restarted'
+        return f'stopped (no heartbeat for {self.timeout_s:g} s)'
+
     def seen_at(self, node: str) -> float:
         """When the node's latest heartbeat arrived (-inf if it counts as gone)."""
         entry = self._latest.get(node)

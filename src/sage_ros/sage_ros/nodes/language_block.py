@@ -51,7 +51,7 @@ from .action_call import (CallCancelled, CallError, Dependency, ServerGone, Serv
                           ThreadSafeActionClient, call_action)
 from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, declare_router, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
-from .liveness import HeartbeatPublisher, declare_liveness_timeout
+from .liveness import HeartbeatPublisher, declare_liveness_timeout, requester
 from .manager_readiness import ManagerReadiness
 
 STOP_WAIT_S = 2.5     # [s] destroy_node waits this long for the running goal to stop
@@ -90,6 +90,7 @@ class ModelManagerClient:
                              complexity=complexity or '', messages=[
                                  ChatMessage(role=m.role, content=m.content) for m in messages],
                              preamble=preamble, memory=list(memory))
+        goal.requester, goal.requester_instance = requester(self._node)
         stop = should_stop or (lambda: False)
         try:
             wrapped = call_action(

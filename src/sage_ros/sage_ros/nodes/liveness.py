@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import weakref
 from typing import Callable, List, Optional, Tuple
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -49,6 +50,23 @@ def declare_liveness_timeout(node: Node) -> float:
                          max_value=3600.0))
 
 
+_INSTANCES: 'weakref.WeakKeyDictionary[Node, str]' = weakref.WeakKeyDictionary()
+_INSTANCES_LOCK = threading.Lock()
+
+
+def instance_id(node: Node) -> str:
+    """This node object's heartbeat instance id: random, made once per node (a restarted node
+    is a new object in a new process, so it has a new one)."""
+    with _INSTANCES_LOCK:
+        return _INSTANCES.setdefault(node, uuid.uuid4().hex[:12])
+
+
+def requester(node: Node) -> Tuple[str, str]:
+    """(fully qualified name, instance id) that `node` puts in the goals it sends, so the
+    server can stop them when this node stops or restarts (Generate.requester, ...)."""
+    return node.get_fully_qualified_name(), instance_id(node)
+
+
 class HeartbeatPublisher:
     """Publishes this node's heartbeat; `status` says whether it serves, and its goal counts."""
 
@@ -56,7 +74,7 @@ class HeartbeatPublisher:
         self._node = node
         self._block = block
         self._status = status
-        self.instance_id = uuid.uuid4().hex[:12]
+        self.instance_id = instance_id(node)
         self.period_s = float(declare(node, 'heartbeat_period_s', 0.5,
                                       'Period of this node\'s heartbeat on `heartbeat` [s]',
                                       read_only=True, min_value=0.05, max_value=60.0))
@@ -133,6 +151,11 @@ class LivenessWatch:
     def block(self, name: str) -> Optional[Beat]:
         with self._lock:
             return self.monitor.block(name)
+
+    def stopped(self, node: str, instance_id: str) -> str:
+        """Why that instance of `node` stopped ('' = it runs or was never seen)."""
+        with self._lock:
+            return self.monitor.stopped(node, instance_id)
 
     def seen_at(self, node: str) -> float:
         """Monotonic time of the node's latest heartbeat."""

@@ -58,7 +58,7 @@ from ..core.salience import TextEmbedder, ngram_embedder
 from ..core.store import resolve_state_file, state_dir
 from .action_call import CallError, ThreadSafeActionClient, call_action
 from .common import LATCHED, RELIABLE, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
-from .liveness import HeartbeatPublisher
+from .liveness import HeartbeatPublisher, requester
 
 ACTION_TYPE = 'sage_interfaces/action/Memory'
 EMBEDDERS = ('minilm', 'model_manager', 'ngram')
@@ -132,8 +132,10 @@ class RemoteEmbedder:
 
     def remote(self, texts: Sequence[str]) -> np.ndarray:
         """Embed through the model manager (CallError with the reason if it cannot)."""
+        node, instance = requester(self._node)
         wrapped = call_action(self.client, Infer.Goal(role=self.role, task='embed',
-                                                      texts=list(texts)),
+                                                      texts=list(texts), requester=node,
+                                                      requester_instance=instance),
                               what='model manager', server_wait_s=0.0,
                               timeout_s=self.timeout_s, should_stop=self._stopping.is_set,
                               abandon=self._stopping.is_set)

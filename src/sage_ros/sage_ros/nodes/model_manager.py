@@ -63,7 +63,7 @@ from ..core.store import StateStore, resolve_state_file
 from ..core.swap_policy import GIB, PolicyConfig, SwapPolicy
 from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
-from .liveness import HeartbeatPublisher
+from .liveness import HeartbeatPublisher, LivenessWatch, declare_liveness_timeout
 
 ENTRY_FIELDS = ('kind', 'model_id', 'path', 'dtype', 'device', 'max_new_tokens',
                 'context_window', 'keep_resident', 'priority', 'fallback', 'adapter', 'language')
@@ -161,6 +161,9 @@ class ModelManagerNode(LifecycleNode):
         self._status_pub = self.create_publisher(ModelStatus, names.MODELS_STATUS, LATCHED)
         self._last_ready: Optional[Tuple[bool, str]] = None
         self._heartbeat = HeartbeatPublisher(self, '', self._liveness)
+        # The nodes that send goals: a goal whose requester stopped or restarted is stopped
+        # (a killed language block must not hold the model for the rest of its answer).
+        self._requesters = LivenessWatch(self, declare_liveness_timeout(self))
         # Generate and swap share one FIFO, one goal at a time; infer has its own (a short
         # transcription or embedding must not wait behind a long generation). Goal requests
         # are handled in one mutually exclusive group, which keeps the counts exact.
@@ -656,15 +659,25 @@ class ModelManagerNode(LifecycleNode):
             result.error_msg = self._stop_reason or 'model manager is not active'
             return result
         cancel, goal_stop = self._cancel, self._goal_stop
+        abandoned = self._abandoned(gh.request)
 
         def should_stop() -> bool:
-            return gh.is_cancel_requested or cancel.is_set() or goal_stop.is_set()
+            return (gh.is_cancel_requested or cancel.is_set() or goal_stop.is_set()
+                    or bool(abandoned()))
         try:
+            if abandoned():       # its requester stopped while the goal waited in the queue
+                raise Cancelled(abandoned())
             work(pool, should_stop)
         except Exception as exc:
             result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
             if result.error_code == result.CANCELLED and gh.is_cancel_requested:
                 gh.canceled()
+                return result
+            why = abandoned() if result.error_code == result.CANCELLED else ''
+            if why:
+                result.error_msg = f'abandoned: {why}'
+                self.get_logger().warning(f'{what} goal stopped: {why}, nobody waits for it')
+                gh.abort()
                 return result
             if result.error_code == result.CANCELLED:   # deactivate or shutdown, not the client
                 result.error_code = result.INACTIVE
@@ -677,6 +690,19 @@ class ModelManagerNode(LifecycleNode):
             return result
         gh.succeed()
         return result
+
+    def _abandoned(self, goal: Any) -> Callable[[], str]:
+        """Why nobody waits for this goal any more, asked as it runs ('' = its requester
+        runs, or the goal names none, as SwapModel goals and `ros2 action send_goal` do)."""
+        node = str(getattr(goal, 'requester', ''))
+        instance = str(getattr(goal, 'requester_instance', ''))
+        if not node:
+            return lambda: ''
+
+        def why() -> str:
+            stopped = self._requesters.stopped(node, instance)
+            return f'its requester {node} {stopped}' if stopped else ''
+        return why
 
     def _execute_generate(self, gh: ServerGoalHandle) -> Generate.Result:
         goal: Generate.Goal = gh.request

@@ -52,7 +52,7 @@ from .action_call import (CallCancelled, CallError, CallTimeout, Dependency, Ser
                           ServerUnavailable, ThreadSafeActionClient, call_action)
 from .common import LATCHED, RESULT_KEEP_S, ConfigError, declare, run_node, stamp
 from .goal_queue import GoalQueue, answer_dropped
-from .liveness import HeartbeatPublisher, declare_liveness_timeout
+from .liveness import HeartbeatPublisher, declare_liveness_timeout, requester
 from .manager_readiness import ManagerReadiness
 
 ACTION_TYPE = 'sage_interfaces/action/Perception'
@@ -408,6 +408,7 @@ class PerceptionBlockNode(Node):
                ) -> Tuple[Infer.Result, float]:
         """One Infer call: (its result, its wall time); InferFailed with the Infer code when
         it did not answer, Stopped when the goal was cancelled or the node stops."""
+        goal.requester, goal.requester_instance = requester(self)
         t0 = time.monotonic()
         try:
             wrapped = call_action(

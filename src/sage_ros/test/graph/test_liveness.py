@@ -99,6 +99,8 @@ def kill_during_answer(graph: Graph, node: str, text: str, reason: str) -> None:
     probe.wait(back, BACK_S - (time.monotonic() - killed), f'{node} back in service')
     assert proc.poll() is None, 'the graph was torn down'
     assert f'{node} (pid {pid}) killed by SIGKILL; restarting it' in output.text()
+    if node == names.LANGUAGE_BLOCK:     # its generation was stopped, not run out for nobody
+        assert f'generate goal stopped: its requester {fqn} ' in output.text()
 
     again = probe.send(text)
     answer = probe.wait_response(again, 180)

@@ -613,3 +613,46 @@ def test_infer_embeds_sentences_with_the_embedder_entry(harness: Callable[..., H
     v = np.asarray(result.vectors, dtype=np.float32).reshape(len(texts), 384)
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
     assert float(v[0] @ v[1]) > float(v[0] @ v[2]), 'paraphrases are closer'
+
+
+def test_goals_of_a_requester_that_stops_beating_are_stopped(
+        harness: Callable[..., Harness]) -> None:
+    """A generation for a node that went silent (as a kill -9 looks) stops within the liveness
+    timeout and says why; its goal waiting in the queue is answered the same way; a goal that
+    names no requester (as `ros2 action send_goal`) or a live one is served in full."""
+    h, mm, status = started(harness, **{'model_manager:models.small.max_new_tokens': 4000,
+                                        'model_manager:models.small.context_window': 5000})
+    asker = '/sage/test_asker'
+    beats = h.probe.create_publisher(Heartbeat, names.HEARTBEAT, HEARTBEAT_QOS)
+    beating = threading.Event()
+    beating.set()
+
+    def beat() -> None:
+        if beating.is_set():
+            beats.publish(Heartbeat(node=asker, instance_id='i1', ready=True, period_s=0.1))
+    h.probe.create_timer(0.1, beat)
+    wait_for(lambda: mm._requesters.alive(asker) is not None, what="the asker's heartbeat seen")
+    gen = ActionClient(h.probe, Generate, names.MODEL_GENERATE)
+    assert gen.wait_for_server(timeout_sec=10.0)
+    tokens: List[int] = []
+    goals = [Generate.Goal(role='small', messages=HELLO, requester=asker,
+                           requester_instance='i1') for _ in range(2)]
+    sent = [gen.send_goal_async(g, feedback_callback=lambda f: tokens.append(
+        f.feedback.completion_tokens)) for g in goals]
+    wait_for(lambda: all(s.done() for s in sent), what='both goals accepted')
+    results = [s.result().get_result_async() for s in sent]
+    wait_for(lambda: len(tokens) >= 5, 30.0, 'the generation streaming')
+    beating.clear()                      # the asker is "killed"
+    wait_for(lambda: all(r.done() for r in results), 30.0, 'both goals stopped')
+    for r in results:
+        res = r.result().result
+        assert res.error_code == Generate.Result.CANCELLED, (res.error_code, res.error_msg)
+        assert res.error_msg == f'abandoned: its requester {asker} stopped (no heartbeat for 2 s)'
+    assert max(tokens) < 4000
+    # A goal of no requester, and of a live one, run to their end (8 tokens here).
+    for extra in ({}, {'requester': '/sage/model_manager',
+                       'requester_instance': mm._heartbeat.instance_id}):
+        ok, res, fb = send_goal(gen, Generate.Goal(role='small', messages=HELLO,
+                                                   max_new_tokens=8, **extra))
+        assert ok and res.error_code == Generate.Result.NONE, res.error_msg
+        assert res.completion_tokens == 8

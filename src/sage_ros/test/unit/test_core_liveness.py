@@ -36,3 +36,19 @@ def test_a_silence_must_be_seen_twice_before_the_node_is_gone() -> None:
 def test_the_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
         LivenessMonitor(timeout_s=0.0)
+
+
+def test_stopped_says_why_one_instance_no_longer_runs() -> None:
+    m = LivenessMonitor(timeout_s=2.0, confirm_s=0.25)
+    node = '/sage/language_block'
+    assert m.stopped(node, 'a') == ''                # never seen: nothing to say
+    m.beat(Beat(node, 'a'), 0.0)
+    assert m.stopped(node, 'a') == ''
+    m.expire(2.5)
+    m.expire(2.8)
+    assert m.stopped(node, 'a') == 'stopped (no heartbeat for 2 s)'
+    assert m.stopped(node, 'b') == 'restarted'       # a goal of another instance than the last
+    m.beat(Beat(node, 'b'), 5.0)                     # the new instance is up
+    assert m.stopped(node, 'a') == 'restarted' and m.stopped(node, 'b') == ''
+    m.beat(Beat(node, 'c'), 6.0)                     # restarted again before any silence
+    assert m.stopped(node, 'b') == 'restarted'
