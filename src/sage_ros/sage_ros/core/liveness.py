@@ -96,7 +96,7 @@ class LivenessMonitor:
             return ''
         if gone.instance_id != instance_id:
             return 'restarted'
-        return f'stopped (no heartbeat for {self.timeout_s:g} s)'
+        return f'stopped (no heartbeat for {self.timeout_s:.1f} s)'
 
     def seen_at(self, node: str) -> float:
         """When the node's latest heartbeat arrived (-inf if it counts as gone)."""

@@ -105,6 +105,10 @@ class ModelManagerClient:
         except CallError as exc:      # a timeout: the model manager took it but did not finish
             raise ModelError(str(exc)) from None
         res: Generate.Result = wrapped.result
+        if res.error_code == res.CANCELLED and not stop():
+            # The model manager took this node for gone (its heartbeats late): a failure with
+            # its reason, not a cancel of ours.
+            raise ModelError(f'the model manager stopped the generation: {res.error_msg}')
         if res.error_code == res.CANCELLED:
             raise Cancelled('generation cancelled')
         if res.error_code == res.INACTIVE:

@@ -427,6 +427,10 @@ class PerceptionBlockNode(Node):
             raise InferFailed(Infer.Result.FAILED, str(exc)) from None
         took = time.monotonic() - t0
         res: Infer.Result = wrapped.result
+        if res.error_code == res.CANCELLED and not should_stop():
+            # The model manager took this node for gone (its heartbeats late): a failure.
+            raise InferFailed(Infer.Result.FAILED, f'the model manager stopped the call: '
+                              f'{res.error_msg}')
         if res.error_code == res.CANCELLED:
             raise Stopped('the model manager cancelled the call')
         if res.error_code != res.NONE:

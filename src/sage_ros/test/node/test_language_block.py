@@ -217,6 +217,27 @@ def test_a_generation_past_its_timeout_is_cancelled_with_the_reason(
     wait_for(lambda: mm.queue.idle(), 30.0, 'the model manager goal cancelled')
 
 
+
+def test_a_generation_the_model_manager_stops_for_a_silent_block_fails_with_its_reason(
+        harness: Callable[..., Harness]) -> None:
+    """A language block that stalls (no heartbeat) past the liveness timeout is taken for gone
+    by the model manager, which stops its generation; the block, running again, fails the turn
+    with that reason rather than calling it a cancel of its own."""
+    h, lb, mm, client = started(harness, **{'model_manager:models.small.max_new_tokens': 4000,
+                                            'model_manager:models.small.context_window': 5000})
+    sent = client.send_goal_async(Language.Goal(turn_id=1, text='hello', complexity='simple'))
+    wait_for(lambda: mm.queue.counts()[0] == 1, 30.0, 'the generation running')
+    wait_for(sent.done, what='accepted')
+    result_future = sent.result().get_result_async()
+    h.executor.remove_node(lb)                       # the block stalls
+    wait_for(lambda: mm.queue.idle(), 30.0, 'the model manager stopped the generation')
+    h.executor.add_node(lb)
+    wait_for(result_future.done, 10.0, 'the turn answered')
+    result = result_future.result().result
+    assert result.error_code == Language.Result.FAILED
+    assert result.error_msg == ('the model manager stopped the generation: abandoned: its '
+                                'requester /sage/language_block stopped (no heartbeat for 2.0 s)')
+
 def test_reasoning_steps_are_abandoned_when_the_reasoning_block_stops(
         harness: Callable[..., Harness]) -> None:
     h, lb, mm, client = started(harness)

@@ -647,7 +647,8 @@ def test_goals_of_a_requester_that_stops_beating_are_stopped(
     for r in results:
         res = r.result().result
         assert res.error_code == Generate.Result.CANCELLED, (res.error_code, res.error_msg)
-        assert res.error_msg == f'abandoned: its requester {asker} stopped (no heartbeat for 2 s)'
+        assert res.error_msg == (f'abandoned: its requester {asker} stopped '
+                                 '(no heartbeat for 2.0 s)')
     assert max(tokens) < 4000
     # A goal of no requester, and of a live one, run to their end (8 tokens here).
     for extra in ({}, {'requester': '/sage/model_manager',

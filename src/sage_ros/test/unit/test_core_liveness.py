@@ -46,7 +46,7 @@ def test_stopped_says_why_one_instance_no_longer_runs() -> None:
     assert m.stopped(node, 'a') == ''
     m.expire(2.5)
     m.expire(2.8)
-    assert m.stopped(node, 'a') == 'stopped (no heartbeat for 2 s)'
+    assert m.stopped(node, 'a') == 'stopped (no heartbeat for 2.0 s)'
     assert m.stopped(node, 'b') == 'restarted'       # a goal of another instance than the last
     m.beat(Beat(node, 'b'), 5.0)                     # the new instance is up
     assert m.stopped(node, 'a') == 'restarted' and m.stopped(node, 'b') == ''
