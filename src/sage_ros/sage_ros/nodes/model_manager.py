@@ -10,7 +10,9 @@ configures and activates itself.
 
 Generate and swap goals wait in ONE bounded FIFO (`max_goals`, running + waiting) and run one
 at a time: a waiting goal holds no executor thread. The node's heartbeat says `ready` while
-it is active with a model loaded (or loading for a goal).
+it is active with a model loaded (or loading for a goal). Generate and infer goals name their
+`requester`; one whose requester's heartbeat stopped, or which restarted, is stopped (or not
+started) and answered `abandoned: ...`: nobody waits for it, and it must not hold the model.
 
 A model entry configured for CUDA loads on the CPU when CUDA is absent (`cpu_fallback`, said
 once per role); `device: auto` means CUDA when available, else the CPU.
@@ -22,8 +24,8 @@ configure when listed in `preload` (a preload that fails is a warning, not a fai
 Infer goals have a FIFO of their own (`max_infer_goals`, `infer_concurrency` running at once),
 so a transcription or an embedding never waits behind a long generation: the pool runs
 different models side by side and the same model one call at a time. They share the memory
-budget, eviction and fallback; each is logged in one line with its role, task, load and run seconds and what it
-evicted. A generate goal naming a non-chat role, or an infer goal naming a chat role or a task
+budget, eviction and fallback; each is logged in one line with its role, task, load and run
+seconds and what it evicted. A generate goal naming a non-chat role, or an infer goal naming a chat role or a task
 its kind does not serve, is refused with INVALID_INPUT and the reason.
 
 Model entries (`models.<role>.*`), the memory budget and the swap policy may be changed at run
@@ -665,8 +667,9 @@ class ModelManagerNode(LifecycleNode):
             return (gh.is_cancel_requested or cancel.is_set() or goal_stop.is_set()
                     or bool(abandoned()))
         try:
-            if abandoned():       # its requester stopped while the goal waited in the queue
-                raise Cancelled(abandoned())
+            early = abandoned()
+            if early:             # its requester stopped while the goal waited in the queue
+                raise Cancelled(early)
             work(pool, should_stop)
         except Exception as exc:
             result.error_code, result.error_msg = self._error_code(exc, result), str(exc)
