@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional, Tuple
 
+from rclpy.exceptions import InvalidHandle
 from rclpy.node import Node
 from sage_interfaces.msg import ModelStatus
 
@@ -68,6 +69,14 @@ class ManagerReadiness:
             return self._ready
 
     def check(self) -> None:
+        try:
+            self._check()
+        except InvalidHandle:
+            # A check that started just before destroy_node: the node's handles are going.
+            if not self._stopping.is_set():
+                raise
+
+    def _check(self) -> None:
         with self._check_lock:
             if self._stopping.is_set():
                 return
