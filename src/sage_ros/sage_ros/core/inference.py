@@ -8,7 +8,8 @@ ROS-free: the model manager node turns an `Infer` goal into an `InferRequest` an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -36,6 +37,22 @@ TASK_KINDS = {TASK_TRANSCRIBE: (KIND_SPEECH, KIND_OMNI), TASK_DETECT: (KIND_VISI
 
 class MediaError(ValueError):
     """An audio or image payload that cannot be used; the message says why, for a log line."""
+
+
+def read_media_file(path: Union[str, Path], limit: int = -1) -> bytes:
+    """A media file's bytes (all of them, or the first `limit`). MediaError, in one line, for
+    a missing, unreadable or empty file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MediaError(f'no such file: {p}')
+    try:
+        with p.open('rb') as f:
+            data = f.read(limit)
+    except OSError as exc:
+        raise MediaError(f'cannot read {p}: {exc.strerror or exc}') from exc
+    if not data:
+        raise MediaError(f'{p.name}: empty file (0 bytes)')
+    return data
 
 
 @dataclass(frozen=True)

@@ -99,11 +99,11 @@ def _garbage(tmp_path: Path) -> Dict[str, Dict[str, Any]]:
     (tmp_path / 'zero.wav').write_bytes(b'')
     return {
         'truncated WAV': {'data': good[:len(good) // 2]},
-        'empty audio': {'path': str(tmp_path / 'zero.wav')},
+        'empty file': {'path': str(tmp_path / 'zero.wav')},
         'NaN or infinite': {'path': str(tmp_path / 'nan.wav')},
         'sample rate of 0': {'data': bytes(rate0)},
         'nothing to play': {},
-        'no such audio file': {'path': str(tmp_path / 'missing.wav')},
+        'no such file': {'path': str(tmp_path / 'missing.wav')},
         'cannot decode audio': {'data': b'RIFX garbage, not a wave at all' * 20},
     }
 

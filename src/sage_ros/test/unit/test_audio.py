@@ -68,15 +68,16 @@ def _garbage(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize('kind, message', [
-    ('empty', 'empty audio'), ('truncated', 'truncated WAV'), ('header only', 'truncated WAV'),
+    ('empty', 'empty (file|audio)'), ('truncated', 'truncated WAV'),
+    ('header only', 'truncated WAV'),
     ('not audio', 'cannot decode audio'), ('rate 0', 'sample rate of 0'),
-    ('nan', 'NaN or infinite'), ('inf', 'NaN or infinite'), ('missing', 'no such audio file')])
+    ('nan', 'NaN or infinite'), ('inf', 'NaN or infinite'), ('missing', 'no such file')])
 def test_garbage_raises_media_error_with_reason(tmp_path: Path, kind: str, message: str) -> None:
     path = _garbage(tmp_path)[kind]
     with pytest.raises(MediaError, match=message):
         read_wav(path)
     if path.exists():
-        with pytest.raises(MediaError, match=message.replace('no such audio file', '')):
+        with pytest.raises(MediaError, match=message):
             read_wav(path.read_bytes())
 
 

@@ -109,7 +109,7 @@ def test_read_image_file(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(MediaError, match='cut.jpg: truncated JPEG'):
         read_image_file(cut)
-    with pytest.raises(MediaError, match='cannot read'):
+    with pytest.raises(MediaError, match='no such file: .*missing.png'):
         read_image_file(tmp_path / 'missing.png')
 
 

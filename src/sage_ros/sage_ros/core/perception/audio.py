@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
-from ..inference import MediaError
+from ..inference import MediaError, read_media_file
 
 SILENCE_DBFS = -100.0          # [dBFS] what an all-zero signal measures (instead of -inf)
 FEATURE_FRAME_S = 0.03         # [s] frames of the voiced-fraction feature
@@ -72,14 +72,8 @@ def read_wav(src: WavInput) -> Tuple[np.ndarray, int]:
     import soundfile as sf
 
     if isinstance(src, (str, Path)):
-        path = Path(src).expanduser()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise MediaError(f'no such audio file: {path}') from exc
-        except OSError as exc:
-            raise MediaError(f'cannot read audio file {path}: {exc.strerror or exc}') from exc
-        what = path.name
+        data = read_media_file(src)
+        what = Path(src).name
     else:
         data = bytes(src)
         what = f'{len(data)} bytes'

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import cv2
 import numpy as np
 
-from ..inference import Detection, MediaError
+from ..inference import Detection, MediaError, read_media_file
 
 FORMATS = ('jpeg', 'png', 'rgb8', 'bgr8', 'mono8')
 _ALIASES = {'jpg': 'jpeg', 'mono': 'mono8', 'gray': 'mono8', 'grey': 'mono8', 'rgb': 'rgb8',
@@ -124,12 +124,8 @@ def read_image_file(source: Union[str, Path, bytes, bytearray, memoryview]) -> n
     """An image file (a path, or the file's bytes) as RGB uint8 (H, W, 3). JPEG and PNG are
     checked for truncation; other formats OpenCV reads (BMP, TIFF, WebP, ...) are accepted."""
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise MediaError(f'cannot read {path}: {exc.strerror or exc}') from exc
-        what = path.name
+        data = read_media_file(source)
+        what = Path(source).name
     else:
         data = bytes(source)
         what = 'image data'
@@ -456,16 +452,7 @@ class VideoReader:
         """A video file; MediaError when it is missing, empty or not a video OpenCV reads."""
         _quiet_opencv()
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise MediaError(f'{p}: no such file')
-        if p.stat().st_size == 0:
-            raise MediaError(f'{p.name}: empty file (0 bytes)')
-        try:
-            with p.open('rb') as f:
-                head = f.read(512)
-        except OSError as exc:
-            raise MediaError(f'cannot read {p}: {exc.strerror or exc}') from exc
-        if not sniff_video(head):
+        if not sniff_video(read_media_file(p, 512)):
             # FFmpeg would "play" almost anything (a text file renders as a video), so only
             # known containers count as video.
             raise MediaError(f'{p.name}: not an image or a video OpenCV can read (video: '
@@ -538,16 +525,7 @@ def load_media(path: str = '', data: Optional[Payload] = None,
     a video is checked to open. Anything else raises MediaError."""
     if path:
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise MediaError(f'{p}: no such file')
-        try:
-            with p.open('rb') as f:
-                head = f.read(16)
-        except OSError as exc:
-            raise MediaError(f'cannot read {p}: {exc.strerror or exc}') from exc
-        if not head:
-            raise MediaError(f'{p.name}: empty file (0 bytes)')
-        if _is_image_data(head):
+        if _is_image_data(read_media_file(p, 16)):
             return Media(p.name, image=read_image_file(p))
         VideoReader.open_file(p).release()
         return Media(p.name, video_path=p)
