@@ -99,6 +99,17 @@ class RobotShell:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout)
 
+    def param_set(self, node: str, name: str, value: str, tries: int = 3) -> str:
+        """`ros2 param set` with 10 s for the CLI to find the node's parameter services, run
+        again (as a user would) while its own discovery did not find them in time, which a
+        busy 2-core machine was seen to cause; returns what the last run printed."""
+        out = ''
+        for _ in range(tries):
+            out = self.run('ros2', 'param', 'set', '--timeout', '10', node, name, value).stdout
+            if 'Wait for service timed out' not in out:
+                break
+        return out
+
     def start(self, *args: str) -> subprocess.Popen:
         """A long-running command in a process group of its own (signalled as a terminal would)."""
         return subprocess.Popen(self.argv(args), env=self.env, stdin=subprocess.DEVNULL,

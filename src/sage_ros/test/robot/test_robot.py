@@ -104,10 +104,9 @@ def test_demo_launch_answers_and_obeys_the_ros2_tools(shell: RobotShell, demo: L
     name = 'metabolism.focus_exit'
     param = ('ros2', 'param')
     wait = ('--timeout', '10')       # the CLI's own discovery can take more than its 1 s default
-    assert 'Set parameter successful' in shell.run(*param, 'set', *wait, kernel, name,
-                                                   '0.3').stdout
+    assert 'Set parameter successful' in shell.param_set(kernel, name, '0.3')
     assert 'Double value is: 0.3' in shell.run(*param, 'get', *wait, kernel, name).stdout
-    refused = shell.run(*param, 'set', *wait, kernel, name, '1.5').stdout
+    refused = shell.param_set(kernel, name, '1.5')
     assert 'Setting parameter failed' in refused, refused
     assert 'Double value is: 0.3' in shell.run(*param, 'get', *wait, kernel, name).stdout
 

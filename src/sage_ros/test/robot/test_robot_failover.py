@@ -96,8 +96,7 @@ def test_a_killed_node_fails_its_turn_comes_back_and_serves(
         # daemon `ros2 param` asks knows the kernel).
         assert f'{NS}/kernel' in shell.node_list({f'{NS}/kernel'})
         for name, value in (('atp.answer_tokens', '32'), ('routing.reasoning_grant', '10.0')):
-            out = shell.run('ros2', 'param', 'set', '--timeout', '10', f'{NS}/kernel', name,
-                            value).stdout
+            out = shell.param_set(f'{NS}/kernel', name, value)
             assert 'Set parameter successful' in out, out
         again = probe.send(say)
         answer = probe.wait_response(again, ANSWER_TIMEOUT_S)
